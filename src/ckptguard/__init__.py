@@ -1,0 +1,32 @@
+"""ckptguard: PyTorch training that resumes exactly where it stopped."""
+
+from ckptguard._version import FORMAT_VERSION, __version__
+from ckptguard.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointFormatError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CommitError,
+    ResumeError,
+    StateMismatchError,
+    UnsupportedStateError,
+)
+from ckptguard.manager import CheckpointManager
+
+__all__ = [
+    "CheckpointManager",
+    "CheckpointError",
+    "CheckpointCorruptError",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "CheckpointLockedError",
+    "CheckpointNotFoundError",
+    "CommitError",
+    "ResumeError",
+    "StateMismatchError",
+    "UnsupportedStateError",
+    "FORMAT_VERSION",
+    "__version__",
+]

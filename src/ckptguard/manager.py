@@ -1,0 +1,466 @@
+"""CheckpointManager: saves and restores the whole training state, durably and exactly.
+
+The manager orchestrates; it holds no file format of its own. Tensors go through DCP
+(``states.ModelOptimizerState``), everything else through per-rank files (``states``), the
+directory dance lives in ``layout``, checksums in ``integrity``.
+
+A save, on every rank, in order:
+
+1. rank 0 creates ``.step-N.partial/`` (removing what a crash left); all ranks wait for it;
+2. each rank writes and fsyncs its ``rank-R.pt`` (RNG, dataloader, scheduler, extras);
+3. DCP writes the model and optimizer shards (``sync_files=True``) and rank 0 its ``.metadata``;
+4. each rank hashes the files it wrote and leaves a small ``.done-R.json`` record;
+5. rank 0 waits for every rank's record, writes the manifest, renames the directory into place,
+   fsyncs the root, and only then prunes checkpoints beyond ``keep_last``.
+
+With ``blocking=False`` step 3 is ``dcp.async_save`` and steps 4-5 run in a background thread;
+the records in step 4 replace a collective so that the commit never races the training
+process group (see ``_dist.new_cpu_group``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from ckptguard import _dist
+from ckptguard._version import FORMAT_VERSION, __version__
+from ckptguard.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CommitError,
+    StateMismatchError,
+)
+from ckptguard.integrity import hash_files, verify_files
+from ckptguard.layout import (
+    CheckpointLayout,
+    RootLock,
+    rank_filename,
+    read_manifest,
+    write_bytes_durably,
+)
+from ckptguard.states import (
+    DATALOADER,
+    MODEL,
+    OPTIMIZER,
+    ModelOptimizerState,
+    build_rank_states,
+)
+
+logger = logging.getLogger(__name__)
+
+_DONE_PREFIX = ".done-"
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    future: Future
+    started: float
+
+
+class CheckpointManager:
+    """Save and restore model, optimizer, LR scheduler, dataloader, RNG and extras.
+
+    Args:
+        root: directory holding one ``step-NNNNNNNN`` directory per checkpoint.
+        model: ``nn.Module`` (plain, DDP or FSDP2 ``fully_shard``).
+        optimizer: its optimizer; ``None`` for model-only checkpoints.
+        lr_scheduler, dataloader: optional; the dataloader must be able to report its position
+            (torchdata ``StatefulDataLoader``); a plain ``DataLoader`` is refused.
+        extra: more objects with ``state_dict()``/``load_state_dict()``, e.g. a ``GradScaler``.
+        keep_last: complete checkpoints to keep; older ones are deleted only after a newer one
+            is committed. ``None`` keeps all.
+        verify_on_load: check every file against the manifest's checksums before loading.
+        thread_count: DCP writer threads per rank.
+        commit_timeout_s: how long rank 0 waits for the other ranks' files before giving up.
+
+    Every rank must construct the manager and call ``save``/``load``/``wait`` at the same points.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: Any | None = None,
+        dataloader: Any | None = None,
+        extra: dict[str, Any] | None = None,
+        keep_last: int | None = 3,
+        verify_on_load: bool = True,
+        thread_count: int = 1,
+        commit_timeout_s: float = 600.0,
+    ) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+        self.layout = CheckpointLayout(root)
+        self.root = self.layout.root
+        self.keep_last = keep_last
+        self.verify_on_load = verify_on_load
+        self.thread_count = thread_count
+        self.commit_timeout_s = commit_timeout_s
+        self._tensor_state = ModelOptimizerState(model, optimizer)
+        self._rank_states = build_rank_states(lr_scheduler, dataloader, extra)
+        self.model = model
+        self.optimizer = optimizer
+        self.rank = _dist.get_rank()
+        self.world_size = _dist.get_world_size()
+        self._group = _dist.new_cpu_group()
+        self._dcp_group = _dist.new_cpu_group()
+        self._pending: _PendingSave | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = RootLock(self.root) if self.rank == 0 else None
+        self._closed = False
+        self._on_rank0_then_all(self._open_root)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _open_root(self) -> None:
+        assert self._lock is not None
+        self._lock.acquire()
+        self.layout.recover()
+
+    def close(self) -> None:
+        """Finish a pending async save and release the root's lock. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            if self._lock is not None:
+                self._lock.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ queries
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints under the root, oldest first."""
+        return self.layout.complete_steps()
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, *, blocking: bool = True, overwrite: bool = False) -> Path:
+        """Write a checkpoint of the current state as ``step``; returns its final path.
+
+        With ``blocking=False`` the call returns once the state is snapshotted; ``wait()`` (or the
+        next ``save``/``load``/``close``) finishes it. At most one save is in flight.
+        """
+        self._check_open()
+        self.wait()
+        started = time.monotonic()
+        partial = self.layout.partial_dir(step)
+        self._on_rank0_then_all(lambda: self.layout.prepare_partial(step, overwrite))
+
+        self._write_rank_file(partial, step)
+        tensor_sd = self._tensor_state.state_dict()
+        writer = dcp.FileSystemWriter(
+            partial, single_file_per_rank=True, sync_files=True, thread_count=self.thread_count
+        )
+        manifest = self._manifest_header(step, mode="sync" if blocking else "async")
+        if blocking:
+            with _quiet_no_dist():
+                dcp.save(tensor_sd, storage_writer=writer, **self._dcp_kwargs())
+            self._write_done_record(partial)
+            _dist.barrier(self._group)
+            path = self._on_rank0_then_all(lambda: self._commit(step, manifest), error=CommitError)
+            logger.info("saved %s in %.2fs", path, time.monotonic() - started)
+            return path
+
+        with _quiet_no_dist():
+            dcp_future = dcp.async_save(tensor_sd, storage_writer=writer, **self._dcp_kwargs())
+        if not isinstance(dcp_future, Future):  # AsyncSaveResponse (async staging)
+            dcp_future = dcp_future.upload_completion
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptguard-commit")
+        future = self._executor.submit(self._finish_async, dcp_future, step, manifest)
+        self._pending = _PendingSave(step, future, started)
+        logger.info("async save of step %d started; caller blocked %.2fs", step, time.monotonic() - started)
+        return self.layout.step_dir(step)
+
+    def wait(self) -> Path | None:
+        """Finish the pending async save, if any, on every rank; raise if any rank failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        error = None
+        path = None
+        try:
+            path = pending.future.result()
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        errors = [e for e in _dist.all_gather_object(error, self._group) if e]
+        if errors:
+            raise CommitError(f"async save of step {pending.step} failed: " + "; ".join(errors))
+        logger.info("async save of step %d complete after %.2fs", pending.step, time.monotonic() - pending.started)
+        return path if path is not None else self.layout.step_dir(pending.step)
+
+    def _finish_async(self, dcp_future: Future, step: int, manifest: dict[str, Any]) -> Path | None:
+        dcp_future.result()
+        partial = self.layout.partial_dir(step)
+        self._write_done_record(partial)
+        if self.rank != 0:
+            return None
+        return self._commit(step, manifest)
+
+    def _write_rank_file(self, partial: Path, step: int) -> None:
+        payload = {
+            "step": step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "states": {name: state.state_dict() for name, state in self._rank_states.items()},
+        }
+        import io
+
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        path = partial / rank_filename(self.rank)
+        with open(path, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _own_files(self, partial: Path) -> list[str]:
+        names = [rank_filename(self.rank)]
+        prefix = f"__{self.rank}_"
+        names += sorted(n for n in os.listdir(partial) if n.startswith(prefix) and n.endswith(".distcp"))
+        if self.rank == 0:
+            names.append(".metadata")
+        return names
+
+    def _write_done_record(self, partial: Path) -> None:
+        entries = hash_files(partial, self._own_files(partial))
+        record = json.dumps({"rank": self.rank, "files": entries}).encode()
+        write_bytes_durably(partial / f"{_DONE_PREFIX}{self.rank:05d}.json", record)
+
+    def _collect_done_records(self, partial: Path) -> dict[str, dict]:
+        deadline = time.monotonic() + self.commit_timeout_s
+        wanted = [partial / f"{_DONE_PREFIX}{r:05d}.json" for r in range(self.world_size)]
+        while True:
+            missing = [p for p in wanted if not p.exists()]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise CommitError(
+                    f"ranks {[int(p.stem[len(_DONE_PREFIX):]) for p in missing]} did not finish writing "
+                    f"{partial} within commit_timeout_s={self.commit_timeout_s}; the checkpoint was "
+                    "not committed and the previous one is untouched."
+                )
+            time.sleep(0.005)
+        files: dict[str, dict] = {}
+        for p in wanted:
+            files.update(json.loads(p.read_text())["files"])
+            p.unlink()
+        return files
+
+    def _commit(self, step: int, manifest: dict[str, Any]) -> Path:
+        partial = self.layout.partial_dir(step)
+        manifest["files"] = self._collect_done_records(partial)
+        manifest["committed_unix"] = time.time()
+        path = self.layout.commit(step, manifest)
+        self.layout.prune(self.keep_last, protect=step)
+        return path
+
+    def _manifest_header(self, step: int, mode: str) -> dict[str, Any]:
+        opt = self.optimizer
+        return {
+            "format": "ckptguard",
+            "format_version": FORMAT_VERSION,
+            "ckptguard_version": __version__,
+            "torch_version": torch.__version__,
+            "step": step,
+            "world_size": self.world_size,
+            "created_unix": time.time(),
+            "save_mode": mode,
+            "components": [MODEL] + ([OPTIMIZER] if opt is not None else []) + list(self._rank_states),
+            "info": {
+                "model_training": self.model.training,
+                "optimizer_class": type(opt).__name__ if opt is not None else None,
+                "param_groups": _hyperparameters(opt) if opt is not None else [],
+                "device_type": _device_type(self.model),
+                "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            },
+        }
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, step: int | None = None, *, strict: bool = True) -> int:
+        """Restore the newest complete checkpoint (or ``step``); returns its step, 0 if none.
+
+        Incomplete checkpoints are never considered. With ``verify_on_load`` every file is
+        checked against the manifest first and a damaged checkpoint is refused by name.
+        """
+        self._check_open()
+        self.wait()
+        started = time.monotonic()
+        chosen = self._on_rank0_then_all(lambda: self._choose_step(step), error=CheckpointNotFoundError)
+        if chosen is None:
+            logger.info("no complete checkpoint under %s; starting from step 0", self.root)
+            return 0
+        step_dir = self.layout.step_dir(chosen)
+        manifest = self._read_checked_manifest(step_dir)
+        if self.verify_on_load:
+            self._verify(step_dir, manifest)
+
+        template = self._tensor_state.state_dict()
+        try:
+            with _quiet_no_dist():
+                dcp.load(template, storage_reader=dcp.FileSystemReader(step_dir), **self._dcp_kwargs())
+        except Exception as e:
+            raise StateMismatchError(
+                f"cannot load the model/optimizer of {step_dir} into the live objects: {e}"
+            ) from e
+        self._tensor_state.load_state_dict(template, strict=strict)
+        self._load_rank_file(step_dir, manifest)
+        _dist.barrier(self._group)
+        logger.info("loaded %s in %.2fs", step_dir, time.monotonic() - started)
+        return chosen
+
+    def _choose_step(self, step: int | None) -> int | None:
+        steps = self.layout.complete_steps()
+        if step is None:
+            return steps[-1] if steps else None
+        if step not in steps:
+            raise CheckpointNotFoundError(
+                f"no complete checkpoint for step {step} under {self.root}; complete steps: "
+                f"{steps or 'none'}"
+            )
+        return step
+
+    def _read_checked_manifest(self, step_dir: Path) -> dict[str, Any]:
+        try:
+            manifest = read_manifest(step_dir)
+        except (OSError, ValueError) as e:
+            raise CheckpointFormatError(f"cannot read the manifest of {step_dir}: {e}") from e
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointFormatError(
+                f"{step_dir} has format_version={version!r}; this ckptguard ({__version__}) reads "
+                f"format versions up to {FORMAT_VERSION}. Upgrade ckptguard to load it."
+            )
+        return manifest
+
+    def _verify(self, step_dir: Path, manifest: dict[str, Any]) -> None:
+        names = sorted(manifest["files"])
+        mine = names[self.rank :: self.world_size]
+        problems = [str(p) for p in verify_files(step_dir, manifest["files"], mine)]
+        problems = sorted(p for ps in _dist.all_gather_object(problems, self._group) for p in ps)
+        if problems:
+            raise CheckpointCorruptError(
+                f"{step_dir} does not match its manifest; refusing to load it:\n  "
+                + "\n  ".join(problems)
+            )
+
+    def _load_rank_file(self, step_dir: Path, manifest: dict[str, Any]) -> None:
+        saved_world = manifest["world_size"]
+        own = step_dir / rank_filename(self.rank)
+        same_rank = self.rank < saved_world
+        path = own if same_rank else step_dir / rank_filename(0)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        states = payload["states"]
+        for name, state in self._rank_states.items():
+            if name not in states:
+                if name == DATALOADER or name.startswith("extra.") or name == "lr_scheduler":
+                    raise StateMismatchError(
+                        f"{step_dir} holds no '{name}' state (it has {sorted(states)}); the "
+                        f"checkpoint was saved without it. Build the manager without {name} or "
+                        "start a new run."
+                    )
+                continue
+            if getattr(state, "per_rank", False) and (not same_rank or saved_world != self.world_size):
+                logger.warning(
+                    "%s: saved by %d ranks, loading on %d: per-rank state '%s' of rank %d is %s; "
+                    "the resume reshards exactly but cannot continue bit-exactly",
+                    step_dir, saved_world, self.world_size, name, self.rank,
+                    "restored from its own rank file" if same_rank else "not restored",
+                )
+                if not same_rank:
+                    continue
+            state.load_state_dict(states[name])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _dcp_kwargs(self) -> dict[str, Any]:
+        if _dist.is_distributed():
+            return {"process_group": self._dcp_group}
+        return {"no_dist": True}
+
+    def _on_rank0_then_all(self, fn: Any, error: type[CheckpointError] = CheckpointError) -> Any:
+        """Run ``fn`` on rank 0 and hand its result, or its error, to every rank."""
+        result = error_text = None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except CheckpointError as e:
+                if not _dist.is_distributed():
+                    raise
+                error_text, error = str(e), type(e)
+            except Exception as e:
+                if not _dist.is_distributed():
+                    raise
+                error_text = f"{type(e).__name__}: {e}"
+        result, error_text, error = _dist.broadcast_object((result, error_text, error), self._group)
+        if error_text is not None:
+            raise error(error_text)
+        return result
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"CheckpointManager for {self.root} is closed")
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    groups = []
+    for group in optimizer.param_groups:
+        hp = {}
+        for k, v in group.items():
+            if k == "params":
+                continue
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if isinstance(v, (int, float, bool, str, type(None))):
+                hp[k] = v
+            elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
+                hp[k] = list(v)
+        groups.append(hp)
+    return groups
+
+
+def _device_type(model: nn.Module) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"
+
+
+class _quiet_no_dist(warnings.catch_warnings):
+    """DCP warns on every single-process call; we pass ``no_dist`` on purpose."""
+
+    def __enter__(self) -> Any:
+        out = super().__enter__()
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return out

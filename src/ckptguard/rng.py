@@ -1,0 +1,62 @@
+"""Capture and restore of every RNG stream a training step can draw from, per rank.
+
+Restoring rank 0's RNG on every rank (a common shortcut) makes all ranks draw the same dropout
+masks and augmentations after resume; so each rank saves and restores its own streams.
+State is kept as tensors and plain Python values so it loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG stream of this process: python, numpy global, torch CPU, CUDA (all devices)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> list[str]:
+    """Restore what ``capture_rng_state`` captured; returns streams it could not restore."""
+    skipped: list[str] = []
+    random.setstate(_as_python_state(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(state["cuda"]):
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            skipped.append("cuda")
+    return skipped
+
+
+def _as_python_state(value: Any) -> tuple:
+    # A round trip through torch.save keeps tuples, but be tolerant of lists (e.g. from JSON).
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
