@@ -1,0 +1,5 @@
+import sys
+
+from ckptguard.cli import main
+
+sys.exit(main())

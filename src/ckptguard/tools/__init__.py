@@ -1,0 +1,1 @@
+"""Read checkpoints without the training code: inspect, diff, verify, export."""
