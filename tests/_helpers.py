@@ -1,0 +1,63 @@
+"""Builders and assertions shared by the test suites (import as ``tests._helpers``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ckptguard.demo import TinyLM, build_optimizer
+
+
+def make_training_objects(seed: int = 0, dropout: float = 0.1):
+    """A TinyLM with AdamW (decay/no-decay groups) and a LambdaLR warmup, like the demo."""
+    torch.manual_seed(seed)
+    model = TinyLM(dropout=dropout)
+    optimizer = build_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))
+    return model, optimizer, scheduler
+
+
+def batch(seed: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 33, (n, 4), generator=g)
+    return x, (x[:, -1] + x[:, -2]) % 33
+
+
+def train_steps(model: nn.Module, optimizer, scheduler, steps: int, first_seed: int = 0) -> list[float]:
+    """Run ``steps`` optimizer steps on deterministic batches; returns the losses."""
+    losses = []
+    model.train()
+    for i in range(steps):
+        x, y = batch(first_seed + i)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Every tensor of the optimizer state, keyed ``"<param index>.<name>"``."""
+    return {
+        f"{pid}.{name}": value
+        for pid, state in optimizer.state_dict()["state"].items()
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def assert_tensors_equal(a: dict[str, Any], b: dict[str, Any], what: str = "state") -> None:
+    """``torch.equal`` on every key; fails naming the keys that differ or are missing."""
+    assert set(a) == set(b), f"{what}: keys differ: only left {set(a) - set(b)}, only right {set(b) - set(a)}"
+    bad = [k for k in a if not (a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]))]
+    assert not bad, f"{what}: tensors differ: {bad}"
+
+
+def assert_model_equal(m1: nn.Module, m2: nn.Module) -> None:
+    assert_tensors_equal(dict(m1.state_dict()), dict(m2.state_dict()), "model")
