@@ -61,3 +61,81 @@ def assert_tensors_equal(a: dict[str, Any], b: dict[str, Any], what: str = "stat
 
 def assert_model_equal(m1: nn.Module, m2: nn.Module) -> None:
     assert_tensors_equal(dict(m1.state_dict()), dict(m2.state_dict()), "model")
+
+
+# --- builders for the core manager's unit and e2e tests -------------------------------------
+
+
+def token_dataset(n: int = 64, seed: int = 0) -> torch.utils.data.TensorDataset:
+    """``n`` (4 tokens, next token) pairs for TinyLM, fixed by ``seed``."""
+    x, y = batch(seed, n)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def make_loader(n: int = 64, batch_size: int = 4, shuffle: bool = True, num_workers: int = 0):
+    """A shuffling torchdata ``StatefulDataLoader`` over ``token_dataset(n)``."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader(
+        token_dataset(n), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers
+    )
+
+
+def train_on_batches(model: nn.Module, optimizer, scheduler, batches) -> list[float]:
+    """One optimizer (and scheduler) step per ``(x, y)`` batch; returns the losses."""
+    losses = []
+    model.train()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+class Counter:
+    """A small user-defined Stateful: what a trainer keeps besides model and optimizer."""
+
+    def __init__(self) -> None:
+        self.tokens_seen = 0
+        self.history: list[int] = []
+
+    def add(self, n: int) -> None:
+        self.tokens_seen += n
+        self.history.append(n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens_seen = state["tokens_seen"]
+        self.history = list(state["history"])
+
+
+def rng_draws() -> dict[str, Any]:
+    """The next value of every global RNG stream (consumes one draw of each)."""
+    import random
+
+    import numpy as np
+
+    return {
+        "python": random.random(),
+        "numpy": float(np.random.rand()),
+        "numpy_gauss": float(np.random.randn()),
+        "torch": torch.rand(4),
+    }
+
+
+def assert_draws_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
+    bad = [
+        k for k in a
+        if not (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k])
+    ]
+    assert not bad, f"RNG streams differ: {bad}: {a} vs {b}"
+
+
+def clone_tensors(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
