@@ -212,7 +212,9 @@ class CheckpointManager:
         path = None
         try:
             path = pending.future.result()
-        except Exception as e:  # noqa: BLE001 - reported on every rank below
+        except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - reported on every rank below
+            # DCP's CheckpointException derives from BaseException: name it, or a failed write
+            # skips the all_gather below on this rank and the other ranks hang in it.
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
         errors = [e for e in _dist.all_gather_object(error, self._group) if e]
         if errors:
@@ -331,7 +333,7 @@ class CheckpointManager:
         try:
             with _quiet_no_dist():
                 dcp.load(template, storage_reader=dcp.FileSystemReader(step_dir), **self._dcp_kwargs())
-        except Exception as e:
+        except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
             raise StateMismatchError(
                 f"cannot load the model/optimizer of {step_dir} into the live objects: {e}"
             ) from e
