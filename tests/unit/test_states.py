@@ -1,0 +1,150 @@
+"""State adapters: what each accepts, refuses (with a message that says what to do), and keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ckptguard import CheckpointManager, UnsupportedStateError
+from ckptguard.states import (
+    DATALOADER,
+    LR_SCHEDULER,
+    MODEL,
+    OPTIMIZER,
+    RNG,
+    DataLoaderState,
+    ModelOptimizerState,
+    ObjectState,
+    build_rank_states,
+)
+from tests._helpers import (
+    Counter,
+    assert_tensors_equal,
+    make_loader,
+    make_training_objects,
+    token_dataset,
+    train_steps,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_model_optimizer_state_is_keyed_by_fqn_and_holds_moments():
+    model, optimizer, scheduler = make_training_objects()
+    train_steps(model, optimizer, scheduler, 2)
+    sd = ModelOptimizerState(model, optimizer).state_dict()
+    assert set(sd) == {MODEL, OPTIMIZER}
+    names = {n for n, _ in model.named_parameters()}
+    assert set(sd[MODEL]) == names
+    assert set(sd[OPTIMIZER]["state"]) == names  # FQNs, not integer positions
+    for state in sd[OPTIMIZER]["state"].values():
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_model_optimizer_template_of_a_fresh_optimizer_asks_for_the_moments():
+    """The load template of a never-stepped optimizer must already list every moment."""
+    model, optimizer, _ = make_training_objects()
+    assert len(optimizer.state) == 0
+    sd = ModelOptimizerState(model, optimizer).state_dict()
+    assert set(sd[OPTIMIZER]["state"]) == {n for n, _ in model.named_parameters()}
+    exp_avg = sd[OPTIMIZER]["state"]["hidden.weight"]["exp_avg"]
+    assert exp_avg.shape == model.hidden.weight.shape
+
+
+def test_model_optimizer_round_trip_in_memory():
+    model, optimizer, scheduler = make_training_objects()
+    train_steps(model, optimizer, scheduler, 2)
+    sd = ModelOptimizerState(model, optimizer).state_dict()
+    m2, o2, _ = make_training_objects(seed=3)
+    ModelOptimizerState(m2, o2).load_state_dict(sd)
+    assert_tensors_equal(dict(model.state_dict()), dict(m2.state_dict()))
+    ref = ModelOptimizerState(model, optimizer).state_dict()[OPTIMIZER]["state"]
+    got = ModelOptimizerState(m2, o2).state_dict()[OPTIMIZER]["state"]
+    for fqn in ref:
+        assert_tensors_equal(ref[fqn], got[fqn], fqn)
+
+
+def test_model_only_state_has_no_optimizer():
+    model, _, _ = make_training_objects()
+    assert set(ModelOptimizerState(model, None).state_dict()) == {MODEL}
+
+
+@pytest.mark.parametrize(
+    "model, optimizer, match",
+    [
+        ("not a module", None, "model must be a torch.nn.Module, got str"),
+        (torch.nn.Linear(2, 2), {"lr": 1}, "optimizer must be a torch.optim.Optimizer, got dict"),
+    ],
+)
+def test_model_optimizer_state_refuses_wrong_types(model, optimizer, match):
+    with pytest.raises(UnsupportedStateError, match=match):
+        ModelOptimizerState(model, optimizer)
+
+
+def test_plain_dataloader_is_refused_with_what_to_use_instead():
+    plain = torch.utils.data.DataLoader(token_dataset(), batch_size=4)
+    with pytest.raises(UnsupportedStateError) as err:
+        DataLoaderState(plain)
+    msg = str(err.value)
+    assert "StatefulDataLoader" in msg and "torchdata" in msg
+    assert "first batch" in msg  # says why: a silent restart of the epoch
+
+
+def test_object_without_state_methods_is_refused_naming_the_setting():
+    class NoState:
+        def state_dict(self):
+            return {}
+
+    with pytest.raises(UnsupportedStateError, match=r"extra\['ema'\]=NoState has no load_state_dict"):
+        build_rank_states(None, None, {"ema": NoState()})
+    with pytest.raises(UnsupportedStateError, match="lr_scheduler=object has no state_dict"):
+        build_rank_states(object(), None, None)
+
+
+@pytest.mark.parametrize("key", ["", 3])
+def test_extra_keys_must_be_non_empty_strings(key):
+    with pytest.raises(UnsupportedStateError, match="extra keys"):
+        build_rank_states(None, None, {key: Counter()})
+
+
+def test_manager_refuses_bad_objects_before_touching_the_root(tmp_path):
+    model, optimizer, _ = make_training_objects()
+    plain = torch.utils.data.DataLoader(token_dataset(), batch_size=4)
+    with pytest.raises(UnsupportedStateError, match="StatefulDataLoader"):
+        CheckpointManager(tmp_path / "root", model=model, optimizer=optimizer, dataloader=plain)
+    assert not (tmp_path / "root").exists()
+
+
+def test_rank_states_restore_rng_last():
+    """The dataloader's resumed iterator draws from the torch RNG; the RNG must be restored after."""
+    model, optimizer, scheduler = make_training_objects()
+    states = build_rank_states(scheduler, make_loader(), {"counter": Counter()})
+    assert list(states) == [LR_SCHEDULER, "extra.counter", DATALOADER, RNG]
+    assert states[DATALOADER].per_rank and states[RNG].per_rank
+    assert not states[LR_SCHEDULER].per_rank
+    assert list(build_rank_states(None, None, None)) == [RNG]
+
+
+def test_object_state_round_trips_a_user_stateful():
+    c = Counter()
+    c.add(5)
+    c.add(7)
+    saved = ObjectState(c, "extra['c']").state_dict()
+    fresh = Counter()
+    ObjectState(fresh, "extra['c']").load_state_dict(saved)
+    assert fresh.tokens_seen == 12 and fresh.history == [5, 7]
+
+
+def test_dataloader_state_resumes_mid_epoch():
+    torch.manual_seed(0)
+    loader = make_loader()
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    saved = DataLoaderState(loader).state_dict()
+    expected = [next(it) for _ in range(2)]
+    fresh = make_loader()
+    DataLoaderState(fresh).load_state_dict(saved)
+    it2 = iter(fresh)
+    for (x, y), (ex, ey) in zip([next(it2) for _ in range(2)], expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
