@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -139,3 +140,19 @@ def assert_draws_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 def clone_tensors(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+
+_LAUNCHER_VARS = {
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+}
+
+
+def launcher_free_env() -> dict[str, str]:
+    """``os.environ`` minus what torchrun sets, for a child that must start as a lone process
+    (or launch its own torchrun) even when the test itself runs under torchrun."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARS and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))
+    }
