@@ -16,12 +16,17 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from ckptguard.errors import CheckpointFormatError
-from ckptguard.layout import MANIFEST_NAME, rank_filename, read_manifest
+from ckptguard._version import FORMAT_VERSION, __version__
+from ckptguard.errors import CheckpointFormatError, CheckpointNotFoundError
+from ckptguard.layout import MANIFEST_NAME, CheckpointLayout, rank_filename, read_manifest
 
 
-def load_tensor_state(step_dir: str | Path) -> dict[str, Any]:
-    """The DCP part (model, optimizer) as a nested dict of full tensors and values."""
+def load_tensor_state(step_dir: str | Path, keys: set[str] | None = None) -> dict[str, Any]:
+    """The DCP part (model, optimizer) as a nested dict of full tensors and values.
+
+    ``keys`` restricts the load to those top-level (or dotted) keys, e.g. ``{"model"}`` reads
+    the weights and never touches the optimizer's bytes.
+    """
     step_dir = Path(step_dir)
     if not (step_dir / ".metadata").is_file():
         raise CheckpointFormatError(f"{step_dir} has no DCP .metadata file: not a checkpoint")
@@ -31,7 +36,7 @@ def load_tensor_state(step_dir: str | Path) -> dict[str, Any]:
         _load_state_dict(
             sd,
             storage_reader=FileSystemReader(step_dir),
-            planner=_EmptyStateDictLoadPlanner(),
+            planner=_EmptyStateDictLoadPlanner(keys=keys),
             no_dist=True,
         )
     return sd
@@ -93,3 +98,85 @@ def values_equal(a: Any, b: Any) -> bool:
             and torch.equal(a, b)
         )
     return type(a) is type(b) and a == b
+
+
+# ---------------------------------------------------------------------- finding a checkpoint
+
+
+def read_checked_manifest(step_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, refused if unreadable or newer than we read."""
+    step_dir = Path(step_dir)
+    try:
+        manifest = read_manifest(step_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointFormatError(f"cannot read the manifest {step_dir / MANIFEST_NAME}: {e}") from e
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{step_dir} has format_version={version!r}; this ckptguard ({__version__}) reads "
+            f"format versions up to {FORMAT_VERSION}. Upgrade ckptguard to read it."
+        )
+    return manifest
+
+
+def is_root(path: str | Path) -> bool:
+    """Whether ``path`` looks like a checkpoint root (holds step directories or their leftovers)."""
+    layout = CheckpointLayout(path)
+    return bool(
+        layout.complete_steps()
+        or layout.transient_dirs()
+        or any(Path(path).glob("step-*"))
+        or (Path(path) / ".ckptguard.lock").exists()
+    )
+
+
+def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
+    """The complete checkpoint directory ``path`` names: itself, or the newest (or ``step``)
+    of the root it names. Raises an error that says what was found instead."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} does not exist")
+    if (path / MANIFEST_NAME).is_file():
+        if step is not None and read_manifest(path).get("step") != step:
+            raise CheckpointNotFoundError(f"{path} is the checkpoint of step {read_manifest(path).get('step')}, not {step}")
+        return path
+    if path.is_dir() and is_root(path):
+        layout = CheckpointLayout(path)
+        steps = layout.complete_steps()
+        if step is None and steps:
+            return layout.step_dir(steps[-1])
+        if step is not None and step in steps:
+            return layout.step_dir(step)
+        others = [p.name for p in layout.transient_dirs()]
+        others += [p.name for p in path.glob("step-*") if not (p / MANIFEST_NAME).is_file()]
+        want = f"step {step}" if step is not None else "a complete checkpoint"
+        raise CheckpointNotFoundError(
+            f"{path} holds no {want}; complete steps: {steps or 'none'}"
+            + (f"; incomplete (never loaded): {sorted(others)}" if others else "")
+        )
+    raise CheckpointFormatError(describe_non_checkpoint(path))
+
+
+def describe_non_checkpoint(path: str | Path) -> str:
+    """Why ``path`` is not a complete ckptguard checkpoint, and what to do about it."""
+    path = Path(path)
+    from ckptguard.migrate import detect_legacy  # migrate imports this module
+
+    legacy = detect_legacy(path)
+    if legacy is not None:
+        return legacy.message()
+    if path.is_file():
+        return (
+            f"{path} is a file, not a ckptguard checkpoint (a step-NNNNNNNN directory with a "
+            f"{MANIFEST_NAME} manifest, or a root holding such directories)"
+        )
+    if path.name.startswith(".step-") or (path / ".metadata").is_file():
+        return (
+            f"{path} is an incomplete checkpoint: it has no {MANIFEST_NAME}, which ckptguard "
+            "writes last, so the save that made it was interrupted or is still running. "
+            "CheckpointManager.load() never uses it; load an earlier complete step."
+        )
+    return (
+        f"{path} is not a checkpoint: no {MANIFEST_NAME}, no DCP .metadata, and no step-NNNNNNNN "
+        "directories"
+    )
