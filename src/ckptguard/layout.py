@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ckptguard._faults import fault_point
 from ckptguard.errors import CheckpointExistsError, CheckpointLockedError
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class CheckpointLayout:
         """
         partial = self.partial_dir(step)
         write_json_durably(partial / MANIFEST_NAME, manifest)
+        fault_point("manifest_written")
         final = self.step_dir(step)
         replaced = None
         if final.exists():
@@ -151,7 +153,14 @@ class CheckpointLayout:
             if replaced.exists():
                 shutil.rmtree(replaced)
             os.rename(final, replaced)
-        os.rename(partial, final)
+            fault_point("overwrite_replaced")
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if replaced is not None:  # put the old checkpoint back rather than lose the step
+                os.rename(replaced, final)
+            raise
+        fault_point("renamed")
         fsync_dir(self.root)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
@@ -165,7 +174,36 @@ class CheckpointLayout:
             shutil.rmtree(doomed)
         os.rename(final, doomed)
         fsync_dir(self.root)
+        fault_point("prune_deleting")
         shutil.rmtree(doomed, ignore_errors=True)
+
+    def quarantine(self, step: int) -> Path:
+        """Move a damaged checkpoint out of the set of complete ones, keeping its files.
+
+        ``step-N.damaged`` matches neither the complete nor the transient pattern, so nothing
+        lists, loads, prunes or removes it: it waits for a person to look at it.
+        """
+        final = self.step_dir(step)
+        target = self.root / f"{final.name}.damaged"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.root / f"{final.name}.damaged{n}"
+        os.rename(final, target)
+        fsync_dir(self.root)
+        return target
+
+    def steps_without_manifest(self) -> list[int]:
+        """Steps whose ``step-*`` directory lacks a manifest: not checkpoints, never loaded."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            int(m.group(1))
+            for e in os.scandir(self.root)
+            if (m := _STEP_RE.match(e.name))
+            and e.is_dir()
+            and not os.path.isfile(os.path.join(e.path, MANIFEST_NAME))
+        )
 
     def recover(self) -> None:
         """Finish or undo what a crash interrupted (rank 0, lock held).

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ckptguard import _dist
+from ckptguard._faults import fault_point, instrument_writer
 from ckptguard._version import FORMAT_VERSION, __version__
 from ckptguard.errors import (
     CheckpointCorruptError,
@@ -46,6 +48,7 @@ from ckptguard.errors import (
 )
 from ckptguard.integrity import hash_files, verify_files
 from ckptguard.layout import (
+    MANIFEST_NAME,
     CheckpointLayout,
     RootLock,
     rank_filename,
@@ -63,6 +66,7 @@ from ckptguard.states import (
 logger = logging.getLogger(__name__)
 
 _DONE_PREFIX = ".done-"
+_FAILED_PREFIX = ".failed-"
 
 
 @dataclass
@@ -175,19 +179,26 @@ class CheckpointManager:
         self.wait()
         started = time.monotonic()
         partial = self.layout.partial_dir(step)
-        self._on_rank0_then_all(lambda: self.layout.prepare_partial(step, overwrite))
+        self._on_rank0_then_all(lambda: self._prepare_partial(step, overwrite))
+        fault_point("partial_created")
 
-        self._write_rank_file(partial, step)
+        # A rank that fails alone (full disk) must not leave the others waiting in DCP's
+        # collectives: every rank learns of the failure and raises the same CommitError.
+        self._on_every_rank(lambda: self._write_rank_file(partial, step), f"writing {partial}")
         tensor_sd = self._tensor_state.state_dict()
-        writer = dcp.FileSystemWriter(
+        writer = instrument_writer(dcp.FileSystemWriter(
             partial, single_file_per_rank=True, sync_files=True, thread_count=self.thread_count
-        )
+        ))
         manifest = self._manifest_header(step, mode="sync" if blocking else "async")
         if blocking:
-            with _quiet_no_dist():
-                dcp.save(tensor_sd, storage_writer=writer, **self._dcp_kwargs())
-            self._write_done_record(partial)
-            _dist.barrier(self._group)
+
+            def write_tensors_and_record() -> None:
+                with _quiet_no_dist():
+                    dcp.save(tensor_sd, storage_writer=writer, **self._dcp_kwargs())
+                fault_point("dcp_done")
+                self._write_done_record(partial)
+
+            self._on_every_rank(write_tensors_and_record, f"writing {partial}")
             path = self._on_rank0_then_all(lambda: self._commit(step, manifest), error=CommitError)
             logger.info("saved %s in %.2fs", path, time.monotonic() - started)
             return path
@@ -223,12 +234,25 @@ class CheckpointManager:
         return path if path is not None else self.layout.step_dir(pending.step)
 
     def _finish_async(self, dcp_future: Future, step: int, manifest: dict[str, Any]) -> Path | None:
-        dcp_future.result()
+        fault_point("async_commit_start")
         partial = self.layout.partial_dir(step)
-        self._write_done_record(partial)
+        try:
+            dcp_future.result()
+            fault_point("dcp_done")
+            self._write_done_record(partial)
+        except BaseException as e:
+            # Tell rank 0, which polls for done records, not to wait commit_timeout_s for ours.
+            self._write_failure_record(partial, e)
+            raise
         if self.rank != 0:
             return None
         return self._commit(step, manifest)
+
+    def _prepare_partial(self, step: int, overwrite: bool) -> Path:
+        # Leftovers of a save that failed in this process (e.g. on a full disk) go now, not at
+        # the next start; recover() also puts back a checkpoint an interrupted overwrite moved.
+        self.layout.recover()
+        return self.layout.prepare_partial(step, overwrite)
 
     def _write_rank_file(self, partial: Path, step: int) -> None:
         payload = {
@@ -246,6 +270,7 @@ class CheckpointManager:
             f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
+        fault_point("rank_file_written")
 
     def _own_files(self, partial: Path) -> list[str]:
         names = [rank_filename(self.rank)]
@@ -259,6 +284,14 @@ class CheckpointManager:
         entries = hash_files(partial, self._own_files(partial))
         record = json.dumps({"rank": self.rank, "files": entries}).encode()
         write_bytes_durably(partial / f"{_DONE_PREFIX}{self.rank:05d}.json", record)
+        fault_point("done_record_written")
+
+    def _write_failure_record(self, partial: Path, error: BaseException) -> None:
+        record = json.dumps({"rank": self.rank, "error": _describe(error)}).encode()
+        try:
+            write_bytes_durably(partial / f"{_FAILED_PREFIX}{self.rank:05d}.json", record)
+        except OSError:  # a full disk may refuse this too; rank 0 then waits for the timeout
+            logger.debug("could not leave a failure record in %s", partial, exc_info=True)
 
     def _collect_done_records(self, partial: Path) -> dict[str, dict]:
         deadline = time.monotonic() + self.commit_timeout_s
@@ -267,6 +300,12 @@ class CheckpointManager:
             missing = [p for p in wanted if not p.exists()]
             if not missing:
                 break
+            failed = sorted(partial.glob(f"{_FAILED_PREFIX}*.json"))
+            if failed:
+                reasons = "; ".join(_read_failure_record(p) for p in failed)
+                raise CommitError(
+                    f"not committing {partial}: {reasons}. The previous checkpoints are untouched."
+                )
             if time.monotonic() > deadline:
                 raise CommitError(
                     f"ranks {[int(p.stem[len(_DONE_PREFIX):]) for p in missing]} did not finish writing "
@@ -282,10 +321,24 @@ class CheckpointManager:
 
     def _commit(self, step: int, manifest: dict[str, Any]) -> Path:
         partial = self.layout.partial_dir(step)
-        manifest["files"] = self._collect_done_records(partial)
-        manifest["committed_unix"] = time.time()
-        path = self.layout.commit(step, manifest)
-        self.layout.prune(self.keep_last, protect=step)
+        try:
+            manifest["files"] = self._collect_done_records(partial)
+            manifest["committed_unix"] = time.time()
+            fault_point("commit_start")
+            path = self.layout.commit(step, manifest)
+        except OSError as e:
+            raise CommitError(
+                f"could not commit {partial} as {self.layout.step_dir(step).name}: {e}. The "
+                "checkpoint was not committed and the previous ones are untouched; fix the cause "
+                "(e.g. free disk space) and save again."
+            ) from e
+        fault_point("prune_start")
+        try:
+            self.layout.prune(self.keep_last, protect=step)
+        except OSError as e:
+            # The new checkpoint is committed: failing the save now would make the caller think
+            # it was lost. Leftover .deleting directories are removed by the next save.
+            logger.warning("retention: could not delete old checkpoints under %s: %s", self.root, e)
         return path
 
     def _manifest_header(self, step: int, mode: str) -> dict[str, Any]:
@@ -311,20 +364,70 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
 
-    def load(self, step: int | None = None, *, strict: bool = True) -> int:
+    def load(self, step: int | None = None, *, strict: bool = True, fallback: bool = False) -> int:
         """Restore the newest complete checkpoint (or ``step``); returns its step, 0 if none.
 
         Incomplete checkpoints are never considered. With ``verify_on_load`` every file is
         checked against the manifest first and a damaged checkpoint is refused by name.
+
+        ``fallback=True`` (only with ``step=None``): if the newest checkpoint is damaged, log a
+        WARNING naming it and its damage, move it aside to ``step-N.damaged`` (kept for
+        inspection; it would otherwise block a new save of that step) and load the previous
+        complete one, and so on. Without it a damaged checkpoint raises.
         """
+        if fallback and step is not None:
+            raise ValueError(
+                f"load(step={step}, fallback=True): fallback applies to the latest checkpoint "
+                "only; an explicitly requested step is loaded or refused, never replaced"
+            )
         self._check_open()
         self.wait()
         started = time.monotonic()
-        chosen = self._on_rank0_then_all(lambda: self._choose_step(step), error=CheckpointNotFoundError)
-        if chosen is None:
+        candidates = self._on_rank0_then_all(
+            lambda: self._candidate_steps(step, fallback), error=CheckpointNotFoundError
+        )
+        if not candidates:
             logger.info("no complete checkpoint under %s; starting from step 0", self.root)
             return 0
-        step_dir = self.layout.step_dir(chosen)
+        damaged: list[str] = []
+        for chosen in candidates:
+            step_dir = self.layout.step_dir(chosen)
+            try:
+                self._load_step(step_dir, strict)
+            except (CheckpointCorruptError, CheckpointFormatError) as e:
+                damaged.append(str(e))
+                if chosen == candidates[-1]:
+                    if len(damaged) == 1:
+                        raise
+                    raise type(e)(
+                        f"no complete checkpoint under {self.root} could be loaded:\n"
+                        + "\n".join(damaged)
+                    ) from e
+                moved = self._on_rank0_then_all(lambda s=chosen: self.layout.quarantine(s))
+                logger.warning(
+                    "fallback: %s is damaged and was moved aside to %s; loading the previous "
+                    "complete checkpoint instead. The damage: %s", step_dir, moved, e,
+                )
+                continue
+            logger.info("loaded %s in %.2fs", step_dir, time.monotonic() - started)
+            return chosen
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _candidate_steps(self, step: int | None, fallback: bool) -> list[int]:
+        """The steps ``load`` may try, in order (rank 0)."""
+        if step is not None:
+            return [self._choose_step(step)]
+        steps = self.layout.complete_steps()
+        for bad in self.layout.steps_without_manifest():
+            if not steps or bad > steps[-1]:
+                logger.warning(
+                    "%s has no %s, so it is not a complete checkpoint (damaged, or not written by "
+                    "ckptguard); it is skipped", self.layout.step_dir(bad), MANIFEST_NAME,
+                )
+        steps.reverse()
+        return steps if fallback else steps[:1]
+
+    def _load_step(self, step_dir: Path, strict: bool) -> None:
         manifest = self._read_checked_manifest(step_dir)
         if self.verify_on_load:
             self._verify(step_dir, manifest)
@@ -334,31 +437,58 @@ class CheckpointManager:
             with _quiet_no_dist():
                 dcp.load(template, storage_reader=dcp.FileSystemReader(step_dir), **self._dcp_kwargs())
         except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
+            if _is_read_failure(e):
+                raise CheckpointCorruptError(
+                    f"cannot read the model/optimizer files of {step_dir}: {_describe(e)}. "
+                    + ("" if self.verify_on_load else "verify_on_load=False: the files were not "
+                       "checked against the manifest, which would name the damaged one. ")
+                    + "Load another step, or use load(fallback=True)."
+                ) from e
             raise StateMismatchError(
                 f"cannot load the model/optimizer of {step_dir} into the live objects: {e}"
             ) from e
         self._tensor_state.load_state_dict(template, strict=strict)
-        self._load_rank_file(step_dir, manifest)
-        _dist.barrier(self._group)
-        logger.info("loaded %s in %.2fs", step_dir, time.monotonic() - started)
-        return chosen
+        # Agreed across ranks: a rank file that fails on one rank only must not leave the
+        # others waiting, nor let them go on with a state their peer could not restore.
+        self._on_every_rank(
+            lambda: self._load_rank_file(step_dir, manifest), f"loading {step_dir}",
+            error=StateMismatchError,
+        )
 
     def _choose_step(self, step: int | None) -> int | None:
         steps = self.layout.complete_steps()
         if step is None:
             return steps[-1] if steps else None
         if step not in steps:
+            why = (
+                f" ({self.layout.step_dir(step)} exists but has no {MANIFEST_NAME}: its save never "
+                "committed, or it was damaged)"
+                if step in self.layout.steps_without_manifest() else ""
+            )
             raise CheckpointNotFoundError(
-                f"no complete checkpoint for step {step} under {self.root}; complete steps: "
+                f"no complete checkpoint for step {step} under {self.root}{why}; complete steps: "
                 f"{steps or 'none'}"
             )
         return step
 
     def _read_checked_manifest(self, step_dir: Path) -> dict[str, Any]:
+        path = step_dir / MANIFEST_NAME
         try:
             manifest = read_manifest(step_dir)
         except (OSError, ValueError) as e:
-            raise CheckpointFormatError(f"cannot read the manifest of {step_dir}: {e}") from e
+            raise CheckpointFormatError(
+                f"cannot read the manifest {path}: {type(e).__name__}: {e}. It is written last "
+                "and atomically, so the file was damaged after the save."
+            ) from e
+        problems = [
+            f"'{key}' is missing or not {kind.__name__}"
+            for key, kind in (("files", dict), ("world_size", int), ("format_version", int))
+            if not isinstance(manifest.get(key) if isinstance(manifest, dict) else None, kind)
+        ]
+        if problems:
+            raise CheckpointFormatError(
+                f"the manifest {path} is damaged: {'; '.join(problems)}"
+            )
         version = manifest.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CheckpointFormatError(
@@ -383,8 +513,20 @@ class CheckpointManager:
         own = step_dir / rank_filename(self.rank)
         same_rank = self.rank < saved_world
         path = own if same_rank else step_dir / rank_filename(0)
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        states = payload["states"]
+        try:
+            # weights_only: tensors and plain containers only, so a rank file can never run code.
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            states = payload["states"]
+        except pickle.UnpicklingError as e:
+            raise CheckpointCorruptError(
+                f"refusing to load {path}: it holds objects that weights_only loading does not "
+                "allow, and ckptguard never writes such objects, so the file was replaced or "
+                f"damaged after the save. Nothing in it was executed. ({str(e).splitlines()[0]})"
+            ) from e
+        except Exception as e:
+            raise CheckpointCorruptError(
+                f"cannot read {path}: {type(e).__name__}: {e}"
+            ) from e
         for name, state in self._rank_states.items():
             if name not in states:
                 if name == DATALOADER or name.startswith("extra.") or name == "lr_scheduler":
@@ -431,9 +573,68 @@ class CheckpointManager:
             raise error(error_text)
         return result
 
+    def _on_every_rank(
+        self, fn: Any, what: str, error: type[CheckpointError] = CommitError
+    ) -> Any:
+        """Run ``fn`` on every rank; if it fails on any rank, raise ``error`` on every rank.
+
+        The message names each failing rank and its cause; an ``OSError`` (full disk, I/O
+        error) carries no file name, so ``what`` names the path being written or read.
+        """
+        result = failure = None
+        try:
+            result = fn()
+        except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
+            if not _dist.is_distributed() and isinstance(e, CheckpointError):
+                raise
+            failure = (type(e) if isinstance(e, CheckpointError) else None, _describe(e))
+        failures = {
+            rank: f for rank, f in enumerate(_dist.all_gather_object(failure, self._group)) if f
+        }
+        if not failures:
+            return result
+        kinds = {kind for kind, _ in failures.values()}
+        if len(kinds) == 1 and None not in kinds:
+            error = kinds.pop()
+        causes = "; ".join(
+            (f"rank {rank}: " if self.world_size > 1 else "") + text
+            for rank, (_, text) in failures.items()
+        )
+        if error is CommitError:
+            raise CommitError(
+                f"{what} failed: {causes}. The checkpoint was not committed and the previous ones "
+                "are untouched; fix the cause (e.g. free disk space) and save again."
+            )
+        raise error(f"{what} failed: {causes}")
+
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager for {self.root} is closed")
+
+
+def _describe(e: BaseException) -> str:
+    """One line per cause; DCP's CheckpointException otherwise prints whole tracebacks."""
+    if isinstance(e, dcp.CheckpointException):
+        return "; ".join(
+            f"{type(exc).__name__}: {exc} (DCP, rank {rank})" for rank, (exc, _) in e.failures.items()
+        )
+    return f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
+
+
+def _is_read_failure(e: BaseException) -> bool:
+    """Whether a DCP load failed reading files (damage), rather than fitting them (mismatch)."""
+    causes = [exc for exc, _ in e.failures.values()] if isinstance(e, dcp.CheckpointException) else [e]
+    return bool(causes) and all(
+        isinstance(c, (OSError, EOFError, pickle.UnpicklingError)) for c in causes
+    )
+
+
+def _read_failure_record(path: Path) -> str:
+    try:
+        record = json.loads(path.read_text())
+        return f"rank {record['rank']} failed: {record['error']}"
+    except (OSError, ValueError, KeyError):
+        return f"a rank failed ({path.name} unreadable)"
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
