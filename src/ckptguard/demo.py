@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptguard.manager import CheckpointManager
+from ckptguard.rng import WorkerRNGState
 from ckptguard.testing import ResumeContext, ResumeReport, run_resume_check
 
 VOCAB = 33
@@ -48,9 +49,13 @@ def make_dataset(path: str | Path, n_tokens: int = 4096, seed: int = 0) -> Path:
     return path
 
 
-class TokenWindows(torch.utils.data.Dataset):
+class TokenWindows(WorkerRNGState, torch.utils.data.Dataset):
     """(4 context tokens, next token) pairs read from the on-disk stream, with augmentation:
-    a context token is replaced by a random one 5% of the time (python + numpy RNG)."""
+    a context token is replaced by a random one 5% of the time (python + numpy RNG).
+
+    ``WorkerRNGState`` saves those draws' RNG per loader worker (``num_workers > 0``); without
+    it a resumed run's workers would restart their RNG from the seed and augment differently.
+    """
 
     def __init__(self, path: str | Path, rank: int = 0, world_size: int = 1) -> None:
         self.path = str(path)

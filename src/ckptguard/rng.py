@@ -60,3 +60,30 @@ def _as_python_state(value: Any) -> tuple:
     # A round trip through torch.save keeps tuples, but be tolerant of lists (e.g. from JSON).
     version, internal, gauss = value
     return (version, tuple(internal), gauss)
+
+
+class WorkerRNGState:
+    """Mixin for a Dataset that draws random numbers in DataLoader workers (augmentation).
+
+    ``StatefulDataLoader`` resumes mid-epoch by starting new worker processes, and each worker
+    reseeds python, numpy and torch from the loader's base seed: the draws a worker made before
+    the save are made again, so every augmented sample after a resume differs from the
+    uninterrupted run (only with ``num_workers > 0``; in the main process ckptguard's own RNG
+    state covers it). ``StatefulDataLoader`` does save a *dataset's* ``state_dict()`` per worker,
+    snapshotted with each batch, and restores it in the new worker before it fetches anything;
+    this mixin makes that state the worker's RNG streams::
+
+        class MyDataset(WorkerRNGState, torch.utils.data.Dataset): ...
+
+    Define your own ``state_dict``/``load_state_dict`` instead if the dataset has more state,
+    and include ``capture_rng_state()`` in it when called inside a worker.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        if torch.utils.data.get_worker_info() is None:
+            return {}
+        return {"worker_rng": capture_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict and torch.utils.data.get_worker_info() is not None:
+            restore_rng_state(state_dict["worker_rng"])

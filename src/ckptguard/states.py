@@ -126,6 +126,18 @@ class DataLoaderState(ObjectState):
                 "pass dataloader=None and restore the data position yourself."
             )
         super().__init__(loader, "dataloader")
+        workers = getattr(loader, "num_workers", 0) or 0
+        dataset = getattr(loader, "dataset", None)
+        if workers > 0 and dataset is not None and not isinstance(dataset, Stateful):
+            logger.warning(
+                "dataloader has num_workers=%d and its dataset %s has no state_dict()/"
+                "load_state_dict(): random draws made inside the workers (e.g. augmentation) "
+                "restart from the worker seed on resume and will differ from an uninterrupted "
+                "run. If the dataset draws random numbers, derive it from "
+                "ckptguard.rng.WorkerRNGState (class %s(WorkerRNGState, Dataset)) so that each "
+                "worker's RNG is saved with the loader.",
+                workers, type(dataset).__name__, type(dataset).__name__,
+            )
 
     def load_state_dict(self, state_dict: Any) -> None:
         self.obj.load_state_dict(state_dict)

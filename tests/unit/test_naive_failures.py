@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from ckptguard import CheckpointManager, UnsupportedStateError
 from ckptguard.layout import rank_filename
+from ckptguard.rng import WorkerRNGState
 from tests._helpers import (
     assert_model_equal,
     assert_tensors_equal,
@@ -239,3 +240,71 @@ def test_grad_scaler_not_restored_resets_the_loss_scale(tmp_path):
     with CheckpointManager(tmp_path, model=model, optimizer=optimizer, extra={"scaler": restored}) as mgr:
         mgr.load()
     assert restored.get_scale() == scaler.get_scale() == 65536.0 / 8
+
+
+# ------------------------------------------------------------------ RNG inside loader workers
+
+
+class AugmentedTokens(torch.utils.data.Dataset):
+    """Token windows with augmentation drawn in ``__getitem__`` from python, numpy and torch."""
+
+    def __init__(self) -> None:
+        self.data = token_dataset()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx: int):
+        import random
+
+        import numpy as np
+
+        x, y = self.data[idx]
+        x = x.clone()
+        x[random.randrange(4)] = int(np.random.randint(33))
+        return x + torch.randint(0, 2, ()), y
+
+
+class AugmentedTokensWithWorkerRNG(WorkerRNGState, AugmentedTokens):
+    pass
+
+
+def _worker_resume(tmp_path, dataset_cls, caplog):
+    """Batches after a mid-epoch resume vs the uninterrupted ones, with 2 loader workers."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader():
+        return StatefulDataLoader(dataset_cls(), batch_size=4, shuffle=True, num_workers=2)
+
+    torch.manual_seed(0)
+    model, optimizer, _ = make_training_objects()
+    original = loader()
+    it = iter(original)
+    for _ in range(5):
+        next(it)
+    with caplog.at_level("WARNING", logger="ckptguard.states"):
+        mgr = CheckpointManager(tmp_path, model=model, optimizer=optimizer, dataloader=original)
+    mgr.save(5)
+    mgr.close()
+    expected = [next(it) for _ in range(4)]
+    del it
+
+    fresh = loader()
+    with CheckpointManager(tmp_path, model=model, optimizer=optimizer, dataloader=fresh) as mgr:
+        mgr.load()
+    it = iter(fresh)
+    got = [next(it) for _ in range(4)]
+    del it
+    return all(torch.equal(a[0], b[0]) for a, b in zip(expected, got, strict=True))
+
+
+@pytest.mark.timeout(180)
+def test_augmentation_in_loader_workers_needs_worker_rng_state(tmp_path, caplog):
+    """StatefulDataLoader restarts its workers on resume and they reseed from the base seed:
+    augmentation drawn in workers repeats the epoch's first draws. The manager warns, and
+    ``WorkerRNGState`` (the dataset's per-worker state, saved by StatefulDataLoader) fixes it."""
+    assert not _worker_resume(tmp_path / "plain", AugmentedTokens, caplog)
+    assert "WorkerRNGState" in caplog.text and "num_workers=2" in caplog.text
+    caplog.clear()
+    assert _worker_resume(tmp_path / "mixin", AugmentedTokensWithWorkerRNG, caplog)
+    assert "WorkerRNGState" not in caplog.text

@@ -121,3 +121,17 @@ def test_save_draws_nothing_from_the_rngs(tmp_path):
     after = rng_draws()
     restore_rng_state(state)
     assert_draws_equal(rng_draws(), after)
+
+
+def test_worker_rng_state_is_empty_in_the_main_process():
+    """With ``num_workers=0`` the manager's own RNG state covers the dataset's draws; the mixin
+    must neither save nor restore (and so never rewind) the main process's streams."""
+    from ckptguard.rng import WorkerRNGState
+
+    ds = WorkerRNGState()
+    assert ds.state_dict() == {}
+    saved = capture_rng_state()
+    first = torch.rand(2)
+    ds.load_state_dict({"worker_rng": saved})
+    ds.load_state_dict({})
+    assert not torch.equal(torch.rand(2), first)  # nothing was rewound
