@@ -1,0 +1,125 @@
+"""``verify_roundtrip``: save -> restore into the live objects -> compare, as one call.
+
+The in-process version of the experiment everyone runs when a resume looks wrong: if the state
+that comes back from disk is not bitwise the state that went in, the loss will jump at resume no
+matter how the trainer is written. It goes through the same adapters and formats as a real
+save and load (DCP for model and optimizer, ``torch.save`` + ``weights_only`` load for the rest)
+but not through the commit protocol: the files go to a hidden directory under the root (shared
+by all ranks, like the checkpoints), which is removed afterwards. The dataloader is neither
+saved nor restored: asking a loader for its state can start its iterator, which would change the
+run being checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from ckptguard import _dist
+from ckptguard.guard.statecheck import compare_nested
+from ckptguard.states import DATALOADER
+
+
+@dataclass
+class RoundtripResult:
+    """Which components came back different from a save -> restore (``changed``: descriptions
+    per component, every rank's), and which were checked."""
+
+    checked: list[str]
+    changed: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        return not self.changed
+
+    @property
+    def changed_components(self) -> list[str]:
+        return sorted(self.changed)
+
+    def format(self) -> str:
+        lines = []
+        for comp in self.checked:
+            bad = self.changed.get(comp)
+            if bad:
+                lines.append(f"  DIFFERS {comp:<14} {len(bad)} value(s), e.g. {bad[0]}")
+            else:
+                lines.append(f"  exact   {comp}")
+        verdict = "round trip BIT-EXACT" if self.exact else f"round trip changed {', '.join(self.changed_components)}"
+        return "\n".join([*lines, verdict])
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def verify_roundtrip(mgr: Any) -> RoundtripResult:
+    """Run the experiment on ``mgr``'s live objects (every rank must call it)."""
+    mgr.wait()
+    names = [n for n in mgr._rank_states if n != DATALOADER]
+    before_tensors = _clone(mgr._tensor_state.state_dict())
+    before_rank = {n: _clone(mgr._rank_states[n].state_dict()) for n in names}
+
+    def make_dir() -> str:
+        path = mgr.root / f".ckptguard-roundtrip-{mgr.guard.segment}"
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return str(path)
+
+    tmp = Path(mgr._on_rank0_then_all(make_dir))
+    try:
+        kwargs = mgr._dcp_kwargs()
+        with _quiet():
+            dcp.save(mgr._tensor_state.state_dict(), storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True), **kwargs)
+        buf = io.BytesIO()
+        torch.save(before_rank, buf)
+        (tmp / f"roundtrip-rank-{mgr.rank:05d}.pt").write_bytes(buf.getvalue())
+
+        template = mgr._tensor_state.state_dict()
+        with _quiet():
+            dcp.load(template, storage_reader=dcp.FileSystemReader(tmp), **kwargs)
+        mgr._tensor_state.load_state_dict(template)
+        payload = torch.load(tmp / f"roundtrip-rank-{mgr.rank:05d}.pt", map_location="cpu", weights_only=True)
+        for n in names:  # build_rank_states' order: RNG last
+            mgr._rank_states[n].load_state_dict(payload[n])
+
+        after_tensors = mgr._tensor_state.state_dict()
+        local: dict[str, list[str]] = {}
+        for comp in before_tensors:
+            bad = compare_nested(before_tensors[comp], after_tensors.get(comp, {}), comp)
+            if bad:
+                local[comp] = bad
+        for n in names:
+            bad = compare_nested(before_rank[n], mgr._rank_states[n].state_dict(), n)
+            if bad:
+                local[n] = bad
+    finally:
+        _dist.barrier(mgr._group)
+        if mgr.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result = RoundtripResult(checked=list(before_tensors) + names)
+    for rank, part in enumerate(_dist.all_gather_object(local, mgr._group)):
+        for comp, bad in part.items():
+            result.changed.setdefault(comp, []).extend(
+                f"rank {rank}: {b}" if mgr.world_size > 1 else b for b in bad
+            )
+    return result
+
+
+def _quiet() -> Any:
+    from ckptguard.manager import _quiet_no_dist
+
+    return _quiet_no_dist()
