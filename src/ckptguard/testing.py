@@ -254,10 +254,15 @@ def _main(argv: list[str] | None = None) -> None:
     train = getattr(importlib.import_module(module), name)
     ctx = ResumeContext(a.ckpt_dir, a.out_dir, a.total_steps, a.stop_at, json.loads(a.options))
     distributed = ctx.world_size > 1
+    on_cuda = str(ctx.options.get("device", "cpu")).startswith("cuda")
+    if on_cuda:
+        # one GPU per rank, before any CUDA work: NCCL refuses two ranks on one device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if distributed:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo")
+        # CUDA tensors (FSDP2's collectives) need NCCL; ckptguard's own groups stay on gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl" if on_cuda else "gloo")
     try:
         train(ctx)
     finally:
