@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,39 @@ class MigrationReport:
     not_recovered: list[str] = field(default_factory=list)
     unused_keys: list[str] = field(default_factory=list)
     dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [
+            f"{'would migrate' if self.dry_run else 'migrated'} {self.source} ({self.source_kind}) "
+            f"as step {self.step}",
+            f"  parameter names from: {self.mapping_source}",
+            f"  {len(self.slots)} optimizer parameters in {len(self.group_sizes)} group(s) of sizes "
+            f"{self.group_sizes}; {self.model_tensors} model tensors",
+            "  position  group  parameter                      shape         state",
+        ]
+        for s in self.slots:
+            lines.append(
+                f"  {s.index:>8}  {s.group:>5}  {s.name:<30} {str(s.shape):<13} {', '.join(s.state_keys) or '-'}"
+            )
+        if self.stripped_prefix:
+            lines.append(f"  stripped the wrapper prefix '{self.stripped_prefix}' from the model keys")
+        for where, keys in self.filled_hyperparameters.items():
+            lines.append(f"  {where}: added {keys} (missing from the old groups) from the optimizer you built")
+        if self.params_without_state:
+            lines.append(f"  no optimizer state yet (never stepped): {self.params_without_state}")
+        if self.params_not_in_optimizer:
+            lines.append(f"  not in the optimizer (frozen?): {self.params_not_in_optimizer}")
+        lines.append(f"  migrated: {', '.join(self.migrated_states)}")
+        lines.append(
+            f"  NOT recovered (the old format does not hold them): {', '.join(self.not_recovered)}"
+        )
+        if self.unused_keys:
+            lines.append(f"  left behind (unknown keys of the old checkpoint): {self.unused_keys}")
+        lines.append(f"  written: {self.destination}" if self.destination else "  nothing written (dry run)")
+        return "\n".join(lines)
 
 
 @dataclass

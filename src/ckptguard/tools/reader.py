@@ -137,8 +137,11 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist")
     if (path / MANIFEST_NAME).is_file():
-        if step is not None and read_manifest(path).get("step") != step:
-            raise CheckpointNotFoundError(f"{path} is the checkpoint of step {read_manifest(path).get('step')}, not {step}")
+        if step is not None and read_checked_manifest(path).get("step") != step:
+            raise CheckpointNotFoundError(
+                f"{path} is the checkpoint of step {read_checked_manifest(path).get('step')}, not "
+                f"of step {step}; pass its root to choose a step"
+            )
         return path
     if path.is_dir() and is_root(path):
         layout = CheckpointLayout(path)
@@ -160,11 +163,14 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
 def describe_non_checkpoint(path: str | Path) -> str:
     """Why ``path`` is not a complete ckptguard checkpoint, and what to do about it."""
     path = Path(path)
-    from ckptguard.migrate import detect_legacy  # migrate imports this module
+    from ckptguard.tools.legacy import detect_legacy, find_legacy_checkpoints  # imports us
 
     legacy = detect_legacy(path)
     if legacy is not None:
         return legacy.message()
+    inside = find_legacy_checkpoints(path) if path.is_dir() else []
+    if inside:
+        return f"{path} holds no ckptguard checkpoint. " + inside[0].message()
     if path.is_file():
         return (
             f"{path} is a file, not a ckptguard checkpoint (a step-NNNNNNNN directory with a "
