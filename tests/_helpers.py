@@ -156,3 +156,86 @@ def launcher_free_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if k not in _LAUNCHER_VARS and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))
     }
+
+
+# --- old-format checkpoints and a tied-weight model (migrate and the checkpoint tools) -------
+
+
+class TiedLM(nn.Module):
+    """A tiny LM whose output layer shares the embedding matrix (tied weights) and has no
+    dropout, so training is a pure function of the data and the state."""
+
+    def __init__(self, vocab: int = 33, dim: int = 16, context: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(context * dim, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.hidden(self.embed(x).flatten(1))))
+
+
+def build_tied_optimizer(model: nn.Module, lr: float = 1e-2) -> torch.optim.Optimizer:
+    """AdamW with decay / no-decay groups in an order unlike ``named_parameters()``: position 0
+    is ``hidden.weight``, position 1 the shared embedding/head matrix (listed once)."""
+    decay = [model.hidden.weight, model.embed.weight]
+    no_decay = [model.head.bias, model.hidden.bias]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+
+
+def build_tied_training(seed: int = 0):
+    """(model, optimizer, scheduler) of the tied model, seeded."""
+    torch.manual_seed(seed)
+    model = TiedLM()
+    optimizer = build_tied_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4))
+    return model, optimizer, scheduler
+
+
+def tied_factory():
+    """``--factory tests._helpers:tied_factory``: how the old trainer built its objects."""
+    model = TiedLM()
+    return model, build_tied_optimizer(model)
+
+
+def save_legacy_checkpoint(path, model: nn.Module, optimizer, scheduler=None, step: int | None = None,
+                           fmt: str = "dcp", **extra: Any) -> None:
+    """Write the old index-keyed format: raw ``optimizer.state_dict()`` next to the model, with
+    ``dcp.save`` (a directory) or ``torch.save`` (a file), as pre-ckptguard trainers did."""
+    sd: dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}
+    if step is not None:
+        sd["step"] = step
+    if scheduler is not None:
+        sd["lr_scheduler"] = scheduler.state_dict()
+    if fmt == "dcp":
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(sd, checkpoint_id=str(path), no_dist=True)
+    else:
+        torch.save(sd, path)
+
+
+def make_ckptguard_checkpoint(root, steps: tuple[int, ...] = (2, 4), seed: int = 0, **mgr_kwargs: Any):
+    """A root with ckptguard checkpoints of TinyLM (dropout, AdamW groups, scheduler, loader)
+    saved after each step in ``steps``; returns the root."""
+    from ckptguard import CheckpointManager
+
+    model, optimizer, scheduler = make_training_objects(seed)
+    loader = make_loader()
+    it = iter(loader)
+    with CheckpointManager(root, model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                           dataloader=loader, keep_last=None, **mgr_kwargs) as mgr:
+        done = 0
+        for target in steps:
+            train_on_batches(model, optimizer, scheduler, [next(it) for _ in range(target - done)])
+            done = target
+            mgr.save(target)
+    return root

@@ -424,6 +424,12 @@ class CheckpointManager:
                     "%s has no %s, so it is not a complete checkpoint (damaged, or not written by "
                     "ckptguard); it is skipped", self.layout.step_dir(bad), MANIFEST_NAME,
                 )
+        if not steps:
+            # An old index-keyed checkpoint here means the user expects a resume: refuse
+            # instead of starting from step 0 with a fresh optimizer (see ckptguard.migrate).
+            from ckptguard.tools.legacy import refuse_legacy_root
+
+            refuse_legacy_root(self.root)
         steps.reverse()
         return steps if fallback else steps[:1]
 

@@ -238,6 +238,18 @@ def plan_mapping(
             )
         source = f"optimizer ({type(optimizer).__name__}) param_groups"
         names = _resolve_names([n for g in new_groups for n in g], spec, source)
+        if param_names is not None:  # both given: they must agree, or which one is right?
+            listed = _resolve_names(list(param_names), spec, "--param-names")
+            if listed != names:
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(listed, names, strict=False)) if a != b),
+                    min(len(listed), len(names)),
+                )
+                raise StateMismatchError(
+                    f"--param-names and the optimizer disagree at position {first}: the names "
+                    f"file says {listed[first] if first < len(listed) else 'nothing'!r}, the "
+                    f"optimizer {names[first] if first < len(names) else 'nothing'!r}; pass one of them"
+                )
     elif param_names is not None:
         names, source = _resolve_names(list(param_names), spec, "--param-names"), "names file"
     elif all(isinstance(n, list) for n in saved_names):
@@ -363,7 +375,7 @@ def _header(step: int, legacy: LegacyState, optimizer: Any, groups: list[dict], 
             "model_training": None,
             "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
             "param_groups": hyper,
-            "device_type": "cpu",
+            "device_type": None,  # unknown: the old trainer's device is not recorded
             "deterministic_algorithms": None,
         },
         "migrated_from": {"path": str(legacy.source.resolve()), "format": legacy.kind, "keys": legacy.keys},
