@@ -138,7 +138,7 @@ def test_unreadable_manifest_is_a_format_error(checkpoint):
     model, optimizer, scheduler = make_training_objects(seed=8)
     with CheckpointManager(path.parent, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                            dataloader=make_loader()) as mgr:
-        with pytest.raises(CheckpointFormatError, match="cannot read the manifest of .*step-00000004"):
+        with pytest.raises(CheckpointFormatError, match=r"cannot read the manifest .*step-00000004.ckptguard\.json"):
             mgr.load()
 
 

@@ -163,7 +163,7 @@ def test_failed_save_deletes_nothing_and_is_never_loaded(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(layout_mod, "write_json_durably", torn_manifest)
     if blocking:
-        with pytest.raises(OSError, match="No space"):
+        with pytest.raises(CommitError, match="step-00000002.*No space.*untouched"):
             mgr.save(2)
     else:
         mgr.save(2, blocking=False)
