@@ -239,3 +239,22 @@ def make_ckptguard_checkpoint(root, steps: tuple[int, ...] = (2, 4), seed: int =
             done = target
             mgr.save(target)
     return root
+
+
+def flip_byte(path, offset: int | None = None) -> None:
+    """Corrupt a file in place without changing its size (bit rot): invert one byte."""
+    data = bytearray(open(path, "rb").read())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def set_manifest_field(step_dir, key: str, value: Any) -> None:
+    """Rewrite one top-level field of a checkpoint's manifest (e.g. a newer format_version)."""
+    import json
+    from pathlib import Path
+
+    path = Path(step_dir) / "ckptguard.json"
+    manifest = json.loads(path.read_text())
+    manifest[key] = value
+    path.write_text(json.dumps(manifest))

@@ -62,7 +62,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from ckptguard.tools.diff import diff_checkpoints
 
-    report = diff_checkpoints(args.a, args.b, atol=args.atol, rtol=args.rtol, ignore=args.ignore)
+    report = diff_checkpoints(
+        args.a, args.b, atol=args.atol, rtol=args.rtol, ignore=args.ignore, verify=not args.no_verify
+    )
     _print_json(report.to_dict()) if args.json else print(report.format())
     return 0 if report.equal else 1
 
@@ -125,6 +127,7 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance [0: exact]")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="skip keys matching GLOB, e.g. 'rank*.rng.*' (repeatable)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of A and B")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_diff)
 

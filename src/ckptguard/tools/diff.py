@@ -191,12 +191,22 @@ def diff_checkpoints(
     ignore: list[str] | None = None,
     step_a: int | None = None,
     step_b: int | None = None,
+    verify: bool = True,
 ) -> DiffReport:
-    """Compare two checkpoints (or the newest of two roots); ``ignore`` takes key globs."""
+    """Compare two checkpoints (or the newest of two roots); ``ignore`` takes key globs.
+
+    With ``verify`` (default) both are checked against their manifests first: a damaged shard
+    would otherwise read as garbage and be reported as a difference instead of as damage.
+    """
     if atol < 0 or rtol < 0:
         raise ValueError(f"tolerances must be >= 0, got atol={atol} rtol={rtol}")
     dir_a, dir_b = find_checkpoint(a, step_a), find_checkpoint(b, step_b)
     man_a, man_b = read_checked_manifest(dir_a), read_checked_manifest(dir_b)
+    if verify:
+        from ckptguard.tools.verify import require_intact
+
+        require_intact(dir_a, "not comparing it")
+        require_intact(dir_b, "not comparing it")
     wa, wb = int(man_a.get("world_size") or 1), int(man_b.get("world_size") or 1)
     skipped: set[str] = set()
     flat_a = _flat_checkpoint(dir_a, wa, wb, skipped)

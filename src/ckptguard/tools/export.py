@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ckptguard.errors import CheckpointCorruptError, CheckpointExistsError, CheckpointFormatError
+from ckptguard.errors import CheckpointExistsError, CheckpointFormatError
 from ckptguard.states import MODEL
 from ckptguard.tools.reader import find_checkpoint, load_tensor_state, read_checked_manifest
 
@@ -103,14 +103,9 @@ def export_model(
     step_dir = find_checkpoint(path, step)
     manifest = read_checked_manifest(step_dir)
     if verify:
-        from ckptguard.tools.verify import verify_step_dir
+        from ckptguard.tools.verify import require_intact
 
-        result = verify_step_dir(step_dir)
-        if not result.ok:
-            raise CheckpointCorruptError(
-                f"{step_dir} does not match its manifest; not exporting it:\n  "
-                + "\n  ".join(f"{p['name']}: {p['kind']} ({p['detail']})" for p in result.problems)
-            )
+        require_intact(step_dir, "not exporting it")
     sd = load_tensor_state(step_dir, keys={MODEL}).get(MODEL)
     if not sd:
         raise CheckpointFormatError(f"{step_dir} holds no '{MODEL}' entries to export")

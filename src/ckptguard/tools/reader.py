@@ -152,7 +152,7 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
             return layout.step_dir(step)
         others = [p.name for p in layout.transient_dirs()]
         others += [p.name for p in path.glob("step-*") if not (p / MANIFEST_NAME).is_file()]
-        want = f"step {step}" if step is not None else "a complete checkpoint"
+        want = f"checkpoint of step {step}" if step is not None else "complete checkpoint"
         raise CheckpointNotFoundError(
             f"{path} holds no {want}; complete steps: {steps or 'none'}"
             + (f"; incomplete (never loaded): {sorted(others)}" if others else "")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptguard.errors import CheckpointFormatError
+from ckptguard.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptguard.integrity import verify_files
 from ckptguard.layout import MANIFEST_NAME, CheckpointLayout
 from ckptguard.tools._progress import progress
@@ -125,3 +125,13 @@ def verify_path(path: str | os.PathLike, step: int | None = None) -> VerifyRepor
             find_checkpoint(path)  # raises: no complete checkpoint, naming the incomplete ones
         return VerifyReport(str(path), [verify_step_dir(layout.step_dir(s)) for s in steps], incomplete)
     return VerifyReport(str(path), [verify_step_dir(find_checkpoint(path, step))])
+
+
+def require_intact(step_dir: str | os.PathLike, action: str) -> None:
+    """Raise ``CheckpointCorruptError`` naming every damaged file of ``step_dir``."""
+    result = verify_step_dir(step_dir)
+    if not result.ok:
+        raise CheckpointCorruptError(
+            f"{step_dir} does not match its manifest; {action}:\n  "
+            + "\n  ".join(f"{p['name']}: {p['kind']} ({p['detail']})" for p in result.problems)
+        )
