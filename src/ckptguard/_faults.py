@@ -148,24 +148,31 @@ def instrument_writer(writer: Any) -> Any:
     """
     if _active is None or _active.point not in ("dcp_write", "dcp_metadata"):
         return writer
-    from torch.distributed.checkpoint.filesystem import FileSystem
-
-    class FaultyFileSystem(FileSystem):
-        @contextlib.contextmanager
-        def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
-            with super().create_stream(path, mode) as stream:
-                if "w" in mode and str(path).endswith(".distcp"):
-                    yield _FaultyStream(stream)
-                else:
-                    yield stream
-
-        def rename(self, path: Any, new_path: Any) -> None:
-            if Path(new_path).name == ".metadata":
-                fault_point("dcp_metadata")
-            super().rename(path, new_path)
-
-    writer.fs = FaultyFileSystem()
+    writer.fs = _FaultyFileSystem(writer.fs)
     return writer
+
+
+class _FaultyFileSystem:
+    """Wraps the writer's own file system (whatever it does on close stays as it is)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        with self._inner.create_stream(path, mode) as stream:
+            if "w" in mode and str(path).endswith(".distcp"):
+                yield _FaultyStream(stream)
+            else:
+                yield stream
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        if Path(new_path).name == ".metadata":
+            fault_point("dcp_metadata")
+        self._inner.rename(path, new_path)
 
 
 class _FaultyStream(io.RawIOBase):

@@ -153,11 +153,14 @@ class CheckpointLayout:
             if replaced.exists():
                 shutil.rmtree(replaced)
             os.rename(final, replaced)
-            fault_point("overwrite_replaced")
         try:
+            if replaced is not None:
+                fault_point("overwrite_replaced")
             os.rename(partial, final)
-        except OSError:
-            if replaced is not None:  # put the old checkpoint back rather than lose the step
+        except BaseException:
+            # Put the old checkpoint back rather than leave the step missing until the next
+            # recover(); a SIGKILL right here is what recover() handles.
+            if replaced is not None and not final.exists():
                 os.rename(replaced, final)
             raise
         fault_point("renamed")

@@ -46,6 +46,7 @@ from ckptguard.errors import (
     CommitError,
     StateMismatchError,
 )
+from ckptguard.guard.resume_guard import ResumeGuard
 from ckptguard.integrity import hash_files, verify_files
 from ckptguard.layout import (
     MANIFEST_NAME,
@@ -91,6 +92,15 @@ class CheckpointManager:
         verify_on_load: check every file against the manifest's checksums before loading.
         thread_count: DCP writer threads per rank.
         commit_timeout_s: how long rank 0 waits for the other ranks' files before giving up.
+        strict: raise ``ResumeError`` when a resume check finds an error (see ``ckptguard.guard``;
+            by default findings are logged and kept in ``last_report``). Not to be confused with
+            ``load(strict=...)``, which is about missing/unexpected keys.
+        allow_lr_change: accept an LR at resume that differs from the saved one (reported as
+            info, with the distance).
+        global_batch_size, grad_accum_steps: the trainer's declarations, saved and compared at
+            resume; ``save(micro_step=...)`` is refused mid accumulation.
+        trace_rtol: relative tolerance when ``record``'s losses and LRs are compared with the
+            earlier run's (0: exact).
 
     Every rank must construct the manager and call ``save``/``load``/``wait`` at the same points.
     """
@@ -108,6 +118,11 @@ class CheckpointManager:
         verify_on_load: bool = True,
         thread_count: int = 1,
         commit_timeout_s: float = 600.0,
+        strict: bool = False,
+        allow_lr_change: bool = False,
+        global_batch_size: int | None = None,
+        grad_accum_steps: int | None = None,
+        trace_rtol: float = 0.0,
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
@@ -125,6 +140,14 @@ class CheckpointManager:
         self.world_size = _dist.get_world_size()
         self._group = _dist.new_cpu_group()
         self._dcp_group = _dist.new_cpu_group()
+        self.guard = ResumeGuard(
+            root=self.root, model=model, optimizer=optimizer, rank_states=self._rank_states,
+            rank=self.rank, world_size=self.world_size,
+            gather=lambda obj: _dist.all_gather_object(obj, self._group), strict=strict,
+            allow_lr_change=allow_lr_change, global_batch_size=global_batch_size,
+            grad_accum_steps=grad_accum_steps, trace_rtol=trace_rtol,
+        )
+        self.last_report = None  # the GuardReport of the last load() that found a checkpoint
         self._pending: _PendingSave | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = RootLock(self.root) if self.rank == 0 else None
@@ -146,6 +169,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
+            self.guard.close()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             if self._lock is not None:
@@ -169,14 +193,22 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, *, blocking: bool = True, overwrite: bool = False) -> Path:
+    def save(
+        self, step: int, *, blocking: bool = True, overwrite: bool = False,
+        micro_step: int = 0, allow_mid_accumulation: bool = False,
+    ) -> Path:
         """Write a checkpoint of the current state as ``step``; returns its final path.
 
         With ``blocking=False`` the call returns once the state is snapshotted; ``wait()`` (or the
         next ``save``/``load``/``close``) finishes it. At most one save is in flight.
+        ``micro_step``: micro-batches accumulated since the last optimizer step; a save with
+        ``micro_step > 0`` is refused (``ResumeError``) unless ``allow_mid_accumulation``.
         """
         self._check_open()
         self.wait()
+        guard_info = self.guard.before_save(
+            step, micro_step=micro_step, allow_mid_accumulation=allow_mid_accumulation
+        )
         started = time.monotonic()
         partial = self.layout.partial_dir(step)
         self._on_rank0_then_all(lambda: self._prepare_partial(step, overwrite))
@@ -190,6 +222,7 @@ class CheckpointManager:
             partial, single_file_per_rank=True, sync_files=True, thread_count=self.thread_count
         ))
         manifest = self._manifest_header(step, mode="sync" if blocking else "async")
+        manifest["info"]["guard"] = guard_info
         if blocking:
 
             def write_tensors_and_record() -> None:
@@ -439,6 +472,7 @@ class CheckpointManager:
             self._verify(step_dir, manifest)
 
         template = self._tensor_state.state_dict()
+        report = self.guard.before_load(manifest["step"], step_dir, manifest, template, strict_keys=strict)
         try:
             with _quiet_no_dist():
                 dcp.load(template, storage_reader=dcp.FileSystemReader(step_dir), **self._dcp_kwargs())
@@ -460,6 +494,7 @@ class CheckpointManager:
             lambda: self._load_rank_file(step_dir, manifest), f"loading {step_dir}",
             error=StateMismatchError,
         )
+        self.last_report = self.guard.after_load(report, template, manifest)
 
     def _choose_step(self, step: int | None) -> int | None:
         steps = self.layout.complete_steps()
@@ -553,6 +588,24 @@ class CheckpointManager:
                     continue
             state.load_state_dict(states[name])
 
+    # ------------------------------------------------------------------ resume guard
+
+    def record(self, step: int, *, loss: Any, batch: Any = None) -> Any:
+        """Append ``step`` to this rank's run trace beside the checkpoints (see
+        ``ckptguard.guard.trace``): the exact loss, the LR, a CRC of ``batch`` and of the RNG
+        streams. After a resume, steps the earlier run reached are compared with it; returns the
+        first ``Divergence`` when this step is it (also in ``last_report``), else ``None``.
+        """
+        return self.guard.record(step, loss=loss, batch=batch)
+
+    def verify_roundtrip(self) -> Any:
+        """Save to a hidden directory, restore into the live objects, compare every tensor and
+        value bitwise; returns a ``RoundtripResult`` naming the components that changed. The
+        dataloader is not touched. Every rank must call it."""
+        from ckptguard.guard.roundtrip import verify_roundtrip
+
+        return verify_roundtrip(self)
+
     # ------------------------------------------------------------------ helpers
 
     def _dcp_kwargs(self) -> dict[str, Any]:
@@ -631,7 +684,10 @@ def _is_read_failure(e: BaseException) -> bool:
     """Whether a DCP load failed reading files (damage), rather than fitting them (mismatch)."""
     causes = [exc for exc, _ in e.failures.values()] if isinstance(e, dcp.CheckpointException) else [e]
     return bool(causes) and all(
-        isinstance(c, (OSError, EOFError, pickle.UnpicklingError)) for c in causes
+        isinstance(c, (OSError, EOFError, pickle.UnpicklingError))
+        # torch 2.13 wraps an unreadable .metadata in an AssertionError with these words
+        or (isinstance(c, AssertionError) and "metadata read failed" in str(c))
+        for c in causes
     )
 
 
