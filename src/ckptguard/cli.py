@@ -113,6 +113,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_tool
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from ckptguard.guard.audit import audit
+
+    result = audit(args.root, rtol=args.rtol)
+    if args.plot:
+        result.plot(args.plot)  # before printing: a missing matplotlib is an error, exit 2
+    _print_json(result.to_dict()) if args.json else print(result.format())
+    if args.plot and not args.json:
+        print(f"loss plot written to {args.plot}")
+    return 0 if result.ok else 1
+
+
+def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit", help="for each resume in ROOT's run trace: the load checks' findings and the first divergence"
+    )
+    p.add_argument("root", help="the checkpoint root holding trace.jsonl (written by mgr.record)")
+    p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for losses and LRs [0: exact]")
+    p.add_argument("--plot", metavar="OUT.png", default=None,
+                   help="draw loss (earlier vs resumed run) around each resume point (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_audit)
+
+
 def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="list steps, versions and every stored tensor, by component")
     p.add_argument("path", help="a checkpoint directory (step-NNNNNNNN) or a root of them")
@@ -183,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=None, help="keep the runs here instead of a temp dir")
     demo.set_defaults(func=_cmd_demo)
     _add_tool_parsers(sub)
+    _add_audit_parser(sub)
     return parser
 
 

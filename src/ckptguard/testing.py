@@ -9,11 +9,16 @@ trainers (build objects, ``mgr.load()``, iterate the loader). It runs three fres
 * ``resumed``: a new process that loads step K and runs K+1..N;
 
 then compares every recorded loss (exactly) and the final checkpoints of both runs (every
-tensor with ``torch.equal``, every per-rank state) and names what differs.
+tensor with ``torch.equal``, every per-rank state) and names what differs. If the function also
+records the run trace (``mgr.record(step, loss=loss, batch=batch)``), the report names the first
+divergent step and its likely cause (data order, LR scheduler, RNG, model or optimizer; see
+``ckptguard.guard.divergence``), and says so when the runs differ before the interruption
+(a nondeterministic trainer, not a resume problem).
 
 Your function's contract, in the loop::
 
-    ctx.record(step, loss)           # after computing the loss of ``step``
+    ctx.record(step, loss)           # after computing the loss of ``step``; or, better,
+    mgr.record(step, loss=loss, batch=batch)   # the trace: losses plus the cause of a divergence
     if ctx.should_stop(step):        # the harness's simulated preemption point
         mgr.save(step); return
     ...
@@ -94,6 +99,8 @@ class ResumeReport:
     total_steps: int
     stop_at: int
     nproc: int
+    divergence: Any = None  # guard.Divergence: first divergence of the resumed run (trace)
+    nondeterministic: Any = None  # guard.Divergence: the runs differed before the interruption
 
     def format(self) -> str:
         lines = [
@@ -105,6 +112,13 @@ class ResumeReport:
             lines.append(f"  {mark} {c.name:<14} {c.detail}")
         if self.first_divergent_step is not None:
             lines.append(f"  first divergent step: {self.first_divergent_step}")
+        if self.nondeterministic is not None:
+            lines.append(
+                "  the runs differ BEFORE the interruption, so the trainer is not deterministic "
+                "(no resume is to blame): " + self.nondeterministic.format()
+            )
+        if self.divergence is not None:
+            lines.append("  " + self.divergence.format())
         lines.append("verdict: " + ("BIT-EXACT" if self.exact else "NOT EXACT"))
         return "\n".join(lines)
 
@@ -188,11 +202,16 @@ def _component_of(key: str) -> str:
 
 def compare_runs(workdir: str | Path, *, total_steps: int, stop_at: int, nproc: int) -> ResumeReport:
     """Compare the legs' losses and final checkpoints; see ``run_resume_check``."""
+    from ckptguard.guard import divergence, trace
+
     workdir = Path(workdir)
     ref = _read_losses(workdir / "uninterrupted")
     got = _read_losses(workdir / "interrupted")
     for rank, steps in _read_losses(workdir / "resumed").items():
         got.setdefault(rank, {}).update(steps)
+    if not ref:  # the trainer records the trace only: its losses are in it
+        ref, got = trace.trace_losses(workdir / "ckpt-a"), trace.trace_losses(workdir / "ckpt-b")
+    by_trace = divergence.compare_runs(workdir / "ckpt-a", workdir / "ckpt-b", stop_at=stop_at)
     components: list[ComponentResult] = []
 
     first_bad = None
@@ -230,8 +249,10 @@ def compare_runs(workdir: str | Path, *, total_steps: int, stop_at: int, nproc: 
             components.append(ComponentResult(comp, False, f"{len(bad)}/{counts[comp]} values differ, e.g. {bad[0]}"))
         else:
             components.append(ComponentResult(comp, True, f"{counts[comp]} values identical"))
-    exact = all(c.exact for c in components)
-    return ResumeReport(exact, components, first_bad, total_steps, stop_at, nproc)
+    before = by_trace.before if by_trace else None
+    after = by_trace.after if by_trace else None
+    exact = all(c.exact for c in components) and before is None and after is None
+    return ResumeReport(exact, components, first_bad, total_steps, stop_at, nproc, after, before)
 
 
 def _describe_difference(key: str, a: Any, b: Any) -> str:

@@ -32,6 +32,7 @@ class LiveSetup:
     world_size: int
     components: list[str]
     optimizer_class: str | None
+    optimizer_bases: list[str]  # class names in the optimizer's MRO: a subclass is the same kind
     param_groups_before_load: list[dict[str, Any]]
     torch_version: str
     device_type: str
@@ -140,7 +141,7 @@ def check_hyperparameters(
     live values are therefore read before the load.
     """
     out = []
-    if saved_class and live.optimizer_class and saved_class != live.optimizer_class:
+    if saved_class and live.optimizer_class and saved_class not in live.optimizer_bases:
         out.append(Finding(
             "optimizer_class", "optimizer", Severity.ERROR,
             f"the checkpoint's optimizer is {saved_class}, the live one {live.optimizer_class}: its "

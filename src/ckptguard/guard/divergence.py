@@ -1,9 +1,8 @@
 """First divergence between a resumed run and the run it continues, with its likely cause.
 
-A resumed segment (resumed from checkpoint step K) is compared, step by step, with what earlier
-segments recorded for steps after K: for each step, the latest earlier segment that reached it
-(normally the run that wrote checkpoint K and was preempted later). What differs first says
-where to look, in this order, because each explains the ones after it:
+A resumed segment (resumed from checkpoint step K) is compared, step by step, with what the run
+that wrote checkpoint K recorded after K before it was preempted (``build_reference``). What
+differs first says where to look, in this order, because each explains the ones after it:
 
 1. the batch hash: the data order (dataloader/sampler position); a batch the earlier run saw
    at an earlier step means the loader restarted;
@@ -31,21 +30,46 @@ class Reference:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     batch_first_seen: dict[str, int] = field(default_factory=dict)
     world_size: int | None = None
+    losses_before: dict[int, float] = field(default_factory=dict)  # steps <= resumed_from, for plots
 
 
-def build_reference(earlier: list[Segment], resumed_from: int) -> Reference:
-    """The reference for a segment that resumed from ``resumed_from``, from the earlier ones."""
+def build_reference(earlier: list[Segment], resumed_from: int, rtol: float = 0.0) -> Reference:
+    """The reference for a segment that resumed from ``resumed_from``, from the earlier ones.
+
+    Records after the resume point come from the lineage of the checkpoint: the segment that
+    saved it (the last one with a ``save`` line for that step), then, for steps it did not
+    reach, that segment's own reference, but only if it matched it: a run that diverged after
+    its own resume is no longer the training the older records describe. Traces without save
+    lines fall back to the latest earlier segment that recorded each step.
+    """
     ref = Reference(resumed_from)
-    for seg in earlier:  # in file order: later segments overwrite earlier ones
+    for seg in earlier:
         for step, rec in seg.records.items():
-            if step > resumed_from:
-                ref.records[step] = rec
-                if seg.world_size is not None:
-                    ref.world_size = seg.world_size
+            if step <= resumed_from:
+                ref.losses_before[step] = float.fromhex(rec["loss"])
             b = rec.get("batch")
             if b is not None and (b not in ref.batch_first_seen or step < ref.batch_first_seen[b]):
                 ref.batch_first_seen[b] = step
+    writer = max((i for i, seg in enumerate(earlier) if resumed_from in seg.saves), default=None)
+    if writer is None:
+        for seg in earlier:  # in file order: later segments overwrite earlier ones
+            _take_after(ref, seg.records, seg.world_size, overwrite=True)
+        return ref
+    seg = earlier[writer]
+    _take_after(ref, seg.records, seg.world_size, overwrite=True)
+    if 0 < seg.resumed_from < resumed_from:
+        parent = build_reference(earlier[:writer], seg.resumed_from, rtol)
+        if compare_segment(parent, seg, rank=0, rtol=rtol).divergence is None:
+            _take_after(ref, parent.records, parent.world_size, overwrite=False)
     return ref
+
+
+def _take_after(ref: Reference, records: dict[int, dict[str, Any]], world_size: int | None, *, overwrite: bool) -> None:
+    for step, rec in records.items():
+        if step > ref.resumed_from and (overwrite or step not in ref.records):
+            ref.records[step] = rec
+            if world_size is not None and ref.world_size is None:
+                ref.world_size = world_size
 
 
 def _close(a_hex: str, b_hex: str, rtol: float) -> bool:
@@ -192,10 +216,58 @@ def compare_segment(
     return out
 
 
-def resumes_in(segments: list[Segment]) -> list[tuple[Segment, Reference]]:
+def resumes_in(segments: list[Segment], rtol: float = 0.0) -> list[tuple[Segment, Reference]]:
     """Every segment that resumed from a checkpoint, with the reference built from those before."""
     out = []
     for i, seg in enumerate(segments):
         if seg.resumed_from > 0:
-            out.append((seg, build_reference(segments[:i], seg.resumed_from)))
+            out.append((seg, build_reference(segments[:i], seg.resumed_from, rtol)))
+    return out
+
+
+@dataclass
+class RunsComparison:
+    """Two runs of one trainer compared by their traces (``ckptguard.testing``'s legs).
+
+    ``before``: the interrupted run already differed from the uninterrupted one before it was
+    stopped, so the trainer is not deterministic and no resume is to blame; ``after``: the first
+    divergence of the resumed run. ``compared_steps`` counts steps compared on all ranks.
+    """
+
+    before: Divergence | None = None
+    after: Divergence | None = None
+    compared_steps: int = 0
+
+
+def compare_runs(reference_root: Any, resumed_root: Any, *, stop_at: int, rtol: float = 0.0) -> RunsComparison | None:
+    """Compare an uninterrupted run's trace with an interrupted-then-resumed run's, per rank.
+
+    ``None`` when either root has no trace (the trainer does not call ``mgr.record``).
+    """
+    from ckptguard.guard.trace import read_trace, trace_files
+
+    ref_files, got_files = trace_files(reference_root), trace_files(resumed_root)
+    if not ref_files or not got_files:
+        return None
+    out = RunsComparison()
+    for rank in sorted(ref_files.keys() & got_files.keys()):
+        reference: dict[int, dict[str, Any]] = {}
+        for seg in read_trace(ref_files[rank]):
+            reference.update(seg.records)
+        seen: dict[str, int] = {}
+        for step in sorted(reference, reverse=True):
+            if reference[step].get("batch") is not None:
+                seen[reference[step]["batch"]] = step
+        for seg in read_trace(got_files[rank]):
+            start = seg.resumed_from
+            ref = Reference(start, {s: r for s, r in reference.items() if s > start and (start or s <= stop_at)}, seen)
+            cmp = compare_segment(ref, seg, rank=rank, rtol=rtol)
+            out.compared_steps += cmp.compared_steps
+            d = cmp.divergence
+            if d is None:
+                continue
+            if start == 0 and (out.before is None or d.step < out.before.step):
+                out.before = d
+            elif start and (out.after is None or d.step < out.after.step):
+                out.after = d
     return out

@@ -132,7 +132,7 @@ class GuardReport:
         if self.divergence is not None:
             lines.append("  " + self.divergence.format())
         elif self.compared_steps:
-            lines.append(f"  trace: {self.compared_steps} resumed steps identical to the earlier run")
+            lines.append(f"  trace: {steps_text(self.compared_steps)} identical to the earlier run")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,3 +159,7 @@ class GuardReport:
                 + "\nFix the cause, or build the manager with strict=False to resume anyway (the "
                 "findings are then logged and kept in mgr.last_report)."
             )
+
+
+def steps_text(n: int) -> str:
+    return f"{n} resumed step{'' if n == 1 else 's'}"

@@ -95,6 +95,8 @@ class ResumeGuard:
                 "allow_mid_accumulation=True to accept it."
             )
         self._check_optimizer_stepped(step)
+        if self._header_written:  # the lineage of this checkpoint, for the next resume's reference
+            self._writer.write({"kind": "save", "seg": self.segment, "step": int(step)})
         self._writer.sync()
         return {
             "trainer": {"global_batch_size": self.global_batch_size, "grad_accum_steps": self.grad_accum_steps},
@@ -142,6 +144,7 @@ class ResumeGuard:
             world_size=self.world_size,
             components=self.components(),
             optimizer_class=type(self.optimizer).__name__ if self.optimizer is not None else None,
+            optimizer_bases=[c.__name__ for c in type(self.optimizer).__mro__] if self.optimizer is not None else [],
             param_groups_before_load=_hyperparameters(self.optimizer) if self.optimizer is not None else [],
             torch_version=torch.__version__,
             device_type=_device_type(self.model),
@@ -263,7 +266,7 @@ class ResumeGuard:
         path = self._writer.path
         if path.is_file():
             segments = read_trace(path)
-            ref = build_reference(segments, report.step)
+            ref = build_reference(segments, report.step, self.trace_rtol)
             if ref.world_size is not None and ref.world_size != self.world_size:
                 logger.info("trace not compared: world size changed from %d to %d", ref.world_size, self.world_size)
             elif ref.records:

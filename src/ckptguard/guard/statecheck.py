@@ -67,10 +67,13 @@ def check_keys(saved: dict[str, Any], template: dict[str, Any], *, strict: bool)
     out = KeyCheck()
 
     missing = sorted(k for k in flat if k not in saved)
-    unexpected = sorted(k for k in saved if k not in flat)
-    soft_missing = [k for k in missing if k.startswith(_GROUP_PREFIX) and not isinstance(flat[k], torch.Tensor)]
+    # Whole components the live side lacks (a model-only manager) are check_components' business.
+    unexpected = sorted(k for k in saved if k not in flat and _component(k) in template)
+    # A hyperparameter name present on one side only, in a param group both sides have.
+    groups_both = _group_indices(flat) & _group_indices(saved)
+    soft_missing = [k for k in missing if _group_index(k) in groups_both and not isinstance(flat[k], torch.Tensor)]
     hard_missing = [k for k in missing if k not in soft_missing]
-    soft_unexpected = [k for k in unexpected if k.startswith(_GROUP_PREFIX) and not isinstance(saved[k], TensorStorageMetadata)]
+    soft_unexpected = [k for k in unexpected if _group_index(k) in groups_both and not isinstance(saved[k], TensorStorageMetadata)]
     hard_unexpected = [k for k in unexpected if k not in soft_unexpected]
 
     if soft_missing or soft_unexpected:
@@ -139,6 +142,16 @@ def check_keys(saved: dict[str, Any], template: dict[str, Any], *, strict: bool)
             out.findings.append(Finding("keys", _component(dtype_bad[0]), Severity.WARNING, msg + " (strict=False: cast on purpose).",
                                         saved=dtype_bad, current=dtype_bad))
     return out
+
+
+def _group_index(key: str) -> str | None:
+    if not key.startswith(_GROUP_PREFIX):
+        return None
+    return key[len(_GROUP_PREFIX):].split(".", 1)[0]
+
+
+def _group_indices(keys: Any) -> set[str]:
+    return {i for i in map(_group_index, keys) if i is not None}
 
 
 def drop_paths(template: dict[str, Any], paths: list[tuple[Any, ...]]) -> None:

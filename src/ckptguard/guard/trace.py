@@ -4,7 +4,8 @@
 ``mgr.record(step, loss=..., batch=...)``: the exact loss (a hex float), the LR of every param
 group, a CRC-32 of the batch's content, a CRC-32 of each RNG stream, and the model's train mode.
 Each process that writes is a *segment*; its first line says which checkpoint step it resumed
-from, so a later reader can line up a resumed run with the run it continues (``divergence.py``).
+from, and a ``save`` line marks each checkpoint it wrote, so a later reader can line up a resumed
+run with the run that wrote its checkpoint (``divergence.py``).
 
 Durability: every line is written to the OS at once (a killed process loses nothing), and the
 file is fsynced at every save, so a machine crash loses at most the steps after the last
@@ -185,6 +186,7 @@ class Segment:
     id: str
     header: dict[str, Any]
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    saves: list[int] = field(default_factory=list)  # checkpoint steps this segment saved
 
     @property
     def resumed_from(self) -> int:
@@ -225,6 +227,18 @@ def read_trace(path: str | os.PathLike) -> list[Segment]:
                 segments[seg].header = ev
             elif ev.get("kind") == "step":
                 segments[seg].records.setdefault(int(ev["step"]), ev)
+            elif ev.get("kind") == "save":
+                segments[seg].saves.append(int(ev["step"]))
     if bad:
         logger.warning("%s: skipped %d unreadable line(s) (a process killed mid-write?)", path, bad)
     return [segments[s] for s in order]
+
+
+def trace_losses(root: str | os.PathLike) -> dict[int, dict[int, str]]:
+    """``{rank: {step: hex loss}}`` of every trace under ``root``; later segments win."""
+    out: dict[int, dict[int, str]] = {}
+    for rank, path in trace_files(root).items():
+        losses = out.setdefault(rank, {})
+        for seg in read_trace(path):
+            losses.update({s: r["loss"] for s, r in seg.records.items()})
+    return out
