@@ -98,6 +98,32 @@ def test_load_refuses_old_index_keyed_checkpoint_instead_of_starting_fresh(tmp_p
     assert not o2.state, "the optimizer must be untouched"
 
 
+def test_load_names_the_newest_of_several_old_checkpoints(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    model, opt, sched = build_tied_training()
+    train_steps(model, opt, sched, 1)
+    for name in ("step-200", "step-1000", "step-99"):  # DCP dirs named like torchtitan's
+        save_legacy_checkpoint(root / name, model, opt, sched, step=int(name[5:]))
+    with CheckpointManager(root, model=model, optimizer=opt) as mgr:
+        with pytest.raises(CheckpointFormatError) as err:
+            mgr.load()
+    msg = str(err.value)
+    assert f"ckptguard migrate {root / 'step-1000'} {root} --factory" in msg
+    assert str(root / "step-99") in msg and str(root / "step-200") in msg
+
+
+def test_suggested_destination_never_collides_with_the_old_directory(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    model, opt, sched = build_tied_training()
+    train_steps(model, opt, sched, 1)
+    save_legacy_checkpoint(root / "step-00000001", model, opt, sched, step=1)
+    with CheckpointManager(root, model=model, optimizer=opt) as mgr:
+        with pytest.raises(CheckpointFormatError, match=f"migrate {root / 'step-00000001'} {root}-ckptguard "):
+            mgr.load()
+
+
 def test_load_of_root_without_old_checkpoint_still_starts_at_zero(tmp_path):
     root = tmp_path / "run"
     root.mkdir()

@@ -12,6 +12,7 @@ can point at ``ckptguard migrate`` instead of starting fresh; ``read_legacy`` lo
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,10 @@ class LegacyCheckpoint:
     kind: str  # "dcp" | "torch.save"
     optimizer_key: str
 
-    def message(self, root: Path | None = None) -> str:
+    def message(self, root: Path | None = None, others: list[Path] | None = None) -> str:
         target = root if root is not None else self.path.parent / (self.path.name + "-ckptguard")
+        if target == self.path.parent and re.match(r"^step-\d{8}$", self.path.name):
+            target = target.parent / (target.name + "-ckptguard")  # would collide with our name
         cmd = (
             f"ckptguard migrate {shlex.quote(str(self.path))} {shlex.quote(str(target))} "
             "--factory YOUR_MODULE:YOUR_FN"
@@ -57,6 +60,7 @@ class LegacyCheckpoint:
             "the way the old trainer did and returns (model, optimizer); or pass --param-names "
             "FILE (parameter names in optimizer order) instead of --factory. See "
             "docs/cli-migrate.md."
+            + (f" Other old-format checkpoints there: {[str(p) for p in others]}." if others else "")
         )
 
 
@@ -131,8 +135,8 @@ def find_legacy_checkpoints(root: str | os.PathLike) -> list[LegacyCheckpoint]:
     if not root.is_dir():
         return []
     found = [c for c in [detect_legacy(root)] if c is not None]
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("step-") or entry.name.startswith("."):
+    for entry in sorted(root.iterdir(), key=_natural_key):
+        if entry.name.startswith("."):
             continue
         legacy = detect_legacy(entry)
         if legacy is not None:
@@ -140,12 +144,20 @@ def find_legacy_checkpoints(root: str | os.PathLike) -> list[LegacyCheckpoint]:
     return found
 
 
+def _natural_key(path: Path) -> list:
+    """``step_99`` before ``step_100``: digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name) if t]
+
+
 def refuse_legacy_root(root: str | os.PathLike) -> None:
     """Raise if ``root`` holds an old-format checkpoint (called by ``CheckpointManager.load``
-    when the root has no ckptguard checkpoint, instead of silently starting from step 0)."""
+    when the root has no ckptguard checkpoint, instead of silently starting from step 0).
+    The command offered migrates the newest by name; the others are listed."""
     found = find_legacy_checkpoints(root)
     if found:
-        raise CheckpointFormatError(found[0].message(Path(root)))
+        newest = found[-1]
+        others = [c.path for c in found if c is not newest]
+        raise CheckpointFormatError(newest.message(Path(root), others))
 
 
 # ---------------------------------------------------------------------- reading the old format
