@@ -37,7 +37,9 @@ from torch import nn
 
 from ckptguard import _dist
 from ckptguard._faults import fault_point, instrument_writer
+from ckptguard._staging import BackgroundStager
 from ckptguard._version import FORMAT_VERSION, __version__
+from ckptguard._writer import HashingFileSystemWriter
 from ckptguard.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -149,6 +151,7 @@ class CheckpointManager:
         )
         self.last_report = None  # the GuardReport of the last load() that found a checkpoint
         self._pending: _PendingSave | None = None
+        self._stager: BackgroundStager | None = None  # async saves' staging buffers, kept
         self._executor: ThreadPoolExecutor | None = None
         self._lock = RootLock(self.root) if self.rank == 0 else None
         self._closed = False
@@ -170,6 +173,8 @@ class CheckpointManager:
         finally:
             self._closed = True
             self.guard.close()
+            if self._stager is not None:
+                self._stager.close()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             if self._lock is not None:
@@ -218,9 +223,11 @@ class CheckpointManager:
         # collectives: every rank learns of the failure and raises the same CommitError.
         self._on_every_rank(lambda: self._write_rank_file(partial, step), f"writing {partial}")
         tensor_sd = self._tensor_state.state_dict()
-        writer = instrument_writer(dcp.FileSystemWriter(
-            partial, single_file_per_rank=True, sync_files=True, thread_count=self.thread_count
-        ))
+        # fsyncs each file while hashing it (see _writer): the checksums cost almost nothing
+        hashing_writer = HashingFileSystemWriter(
+            partial, single_file_per_rank=True, thread_count=self.thread_count
+        )
+        writer = instrument_writer(hashing_writer)
         manifest = self._manifest_header(step, mode="sync" if blocking else "async")
         manifest["info"]["guard"] = guard_info
         if blocking:
@@ -229,7 +236,7 @@ class CheckpointManager:
                 with _quiet_no_dist():
                     dcp.save(tensor_sd, storage_writer=writer, **self._dcp_kwargs())
                 fault_point("dcp_done")
-                self._write_done_record(partial)
+                self._write_done_record(partial, hashing_writer)
 
             self._on_every_rank(write_tensors_and_record, f"writing {partial}")
             path = self._on_rank0_then_all(lambda: self._commit(step, manifest), error=CommitError)
@@ -237,12 +244,15 @@ class CheckpointManager:
             return path
 
         with _quiet_no_dist():
-            dcp_future = dcp.async_save(tensor_sd, storage_writer=writer, **self._dcp_kwargs())
+            dcp_future = dcp.async_save(
+                tensor_sd, storage_writer=writer, async_stager=self._async_stager(),
+                **self._dcp_kwargs(),
+            )
         if not isinstance(dcp_future, Future):  # AsyncSaveResponse (async staging)
             dcp_future = dcp_future.upload_completion
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptguard-commit")
-        future = self._executor.submit(self._finish_async, dcp_future, step, manifest)
+        future = self._executor.submit(self._finish_async, dcp_future, step, manifest, hashing_writer)
         self._pending = _PendingSave(step, future, started)
         logger.info("async save of step %d started; caller blocked %.2fs", step, time.monotonic() - started)
         return self.layout.step_dir(step)
@@ -266,13 +276,16 @@ class CheckpointManager:
         logger.info("async save of step %d complete after %.2fs", pending.step, time.monotonic() - pending.started)
         return path if path is not None else self.layout.step_dir(pending.step)
 
-    def _finish_async(self, dcp_future: Future, step: int, manifest: dict[str, Any]) -> Path | None:
+    def _finish_async(
+        self, dcp_future: Future, step: int, manifest: dict[str, Any],
+        writer: HashingFileSystemWriter | None = None,
+    ) -> Path | None:
         fault_point("async_commit_start")
         partial = self.layout.partial_dir(step)
         try:
             dcp_future.result()
             fault_point("dcp_done")
-            self._write_done_record(partial)
+            self._write_done_record(partial, writer)
         except BaseException as e:
             # Tell rank 0, which polls for done records, not to wait commit_timeout_s for ours.
             self._write_failure_record(partial, e)
@@ -280,6 +293,13 @@ class CheckpointManager:
         if self.rank != 0:
             return None
         return self._commit(step, manifest)
+
+    def _async_stager(self) -> BackgroundStager:
+        """Stages async saves: the bulk is copied in the background and ``optimizer.step()``
+        waits for it (see ``_staging``); its buffers are kept for the next save."""
+        if self._stager is None:
+            self._stager = BackgroundStager(self.optimizer)
+        return self._stager
 
     def _prepare_partial(self, step: int, overwrite: bool) -> Path:
         # Leftovers of a save that failed in this process (e.g. on a full disk) go now, not at
@@ -313,8 +333,10 @@ class CheckpointManager:
             names.append(".metadata")
         return names
 
-    def _write_done_record(self, partial: Path) -> None:
-        entries = hash_files(partial, self._own_files(partial))
+    def _write_done_record(self, partial: Path, writer: HashingFileSystemWriter | None = None) -> None:
+        names = self._own_files(partial)
+        # the writer hashed its files while fsyncing them; it fsyncs and hashes any other now
+        entries = writer.entries_for(partial, names) if writer is not None else hash_files(partial, names)
         record = json.dumps({"rank": self.rank, "files": entries}).encode()
         write_bytes_durably(partial / f"{_DONE_PREFIX}{self.rank:05d}.json", record)
         fault_point("done_record_written")

@@ -1,0 +1,172 @@
+"""Async saves copy the bulk of the state in the background (``ckptguard._staging``).
+
+The caller gets control back before the parameters and moments are copied; the next
+``optimizer.step()`` waits for the copy; the checkpoint is bit-exactly the saved step although
+training went on; a trainer that writes the weights in place meanwhile gets a failed save, never
+a checkpoint that mixes two steps.
+
+Each test holds the background copy behind a gate, so the interleavings are forced, not timed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from ckptguard import CheckpointManager
+from ckptguard._staging import BackgroundStager
+from ckptguard.demo import TinyLM, build_optimizer
+from ckptguard.errors import CommitError
+from tests._helpers import assert_tensors_equal, clone_tensors, optimizer_tensors, train_steps
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+]
+
+
+def _objects(seed: int = 0):
+    """TinyLM big enough that its hidden weight (256x256 floats) is copied in the background."""
+    torch.manual_seed(seed)
+    model = TinyLM(dim=64, hidden=256, dropout=0.0)
+    return model, build_optimizer(model)
+
+
+@pytest.fixture
+def gate(monkeypatch) -> threading.Event:
+    """Hold every background copy until the test sets the returned event."""
+    event = threading.Event()
+    original = BackgroundStager._copy_all
+
+    def gated(self, *args, **kwargs):
+        assert event.wait(timeout=60), "test never opened the gate"
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BackgroundStager, "_copy_all", gated)
+    return event
+
+
+def _open_later(event: threading.Event, delay_s: float = 0.3) -> threading.Timer:
+    timer = threading.Timer(delay_s, event.set)
+    timer.start()
+    return timer
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer):
+    return clone_tensors(dict(model.state_dict())), clone_tensors(optimizer_tensors(optimizer))
+
+
+def _load_fresh(root, step: int):
+    model, optimizer = _objects(seed=1)
+    with CheckpointManager(root, model=model, optimizer=optimizer) as mgr:
+        assert mgr.load(step) == step
+    return model, optimizer
+
+
+def test_caller_returns_before_the_copy_and_the_next_step_waits_for_it(tmp_path, gate):
+    model, optimizer = _objects()
+    train_steps(model, optimizer, None, 3)
+    saved_model, saved_opt = _snapshot(model, optimizer)
+
+    with CheckpointManager(tmp_path, model=model, optimizer=optimizer) as mgr:
+        mgr.save(3, blocking=False)
+        # the bulk is not copied yet: the caller did not wait for it
+        assert mgr._stager is not None and mgr._stager._future is not None
+        assert not mgr._stager._future.done()
+        timer = _open_later(gate)
+        train_steps(model, optimizer, None, 2, first_seed=3)  # step() blocks until the copy is done
+        mgr.wait()
+        timer.join()
+
+    loaded_model, loaded_opt = _load_fresh(tmp_path, 3)
+    assert_tensors_equal(saved_model, dict(loaded_model.state_dict()), "model")
+    assert_tensors_equal(saved_opt, optimizer_tensors(loaded_opt), "optimizer")
+
+
+def test_without_the_step_hook_the_save_fails_instead_of_mixing_steps(tmp_path, gate):
+    """The fail-on-bug side: with the optimizer hook gone, step() overwrites the weights before
+    the background copy reads them. The version check catches it: no checkpoint is committed."""
+    model, optimizer = _objects()
+    train_steps(model, optimizer, None, 2)
+    with CheckpointManager(tmp_path, model=model, optimizer=optimizer) as mgr:
+        mgr.save(1)
+        mgr.save(2, blocking=False)
+        mgr._stager._hook.remove()
+        train_steps(model, optimizer, None, 1, first_seed=2)  # not held back
+        gate.set()
+        with pytest.raises(CommitError, match="modified in place while an async save"):
+            mgr.wait()
+        assert mgr.steps() == [1]
+
+
+def test_in_place_write_outside_optimizer_step_fails_the_save(tmp_path, gate):
+    model, optimizer = _objects()
+    train_steps(model, optimizer, None, 2)
+    with CheckpointManager(tmp_path, model=model, optimizer=optimizer) as mgr:
+        mgr.save(1)
+        mgr.save(2, blocking=False)
+        with torch.no_grad():
+            model.hidden.weight.mul_(0.5)  # e.g. weight clipping or an EMA written into the model
+        gate.set()
+        with pytest.raises(CommitError, match="hidden.weight"):
+            mgr.wait()
+        assert mgr.steps() == [1]
+    # the earlier checkpoint is intact and loads
+    _load_fresh(tmp_path, 1)
+
+
+class _Normed(nn.Module):
+    """A large BatchNorm: its running statistics (128 KiB each) change in every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 32768)
+        self.norm = nn.BatchNorm1d(32768)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin(x))
+
+
+def test_buffers_changed_by_forward_are_saved_as_of_the_save(tmp_path, gate):
+    torch.manual_seed(0)
+    model = _Normed()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    saved = clone_tensors(dict(model.state_dict()))
+
+    with CheckpointManager(tmp_path, model=model, optimizer=optimizer) as mgr:
+        mgr.save(1, blocking=False)
+        model(torch.randn(4, 8))  # updates running_mean/var in place, before the copy ran
+        assert not torch.equal(model.norm.running_mean, saved["norm.running_mean"])
+        gate.set()
+        mgr.wait()
+
+    torch.manual_seed(1)
+    fresh = _Normed()
+    with CheckpointManager(tmp_path, model=fresh, optimizer=torch.optim.AdamW(fresh.parameters())) as mgr:
+        mgr.load(1)
+    assert_tensors_equal(saved, dict(fresh.state_dict()), "model")
+
+
+def test_buffers_are_reused_across_saves_and_close_removes_the_hook(tmp_path):
+    model, optimizer = _objects()
+    train_steps(model, optimizer, None, 1)
+    with CheckpointManager(tmp_path, model=model, optimizer=optimizer, keep_last=None) as mgr:
+        mgr.save(1, blocking=False)
+        mgr.wait()
+        first = {k: v.data_ptr() for k, v in mgr._stager._buffers.items()}
+        train_steps(model, optimizer, None, 1, first_seed=1)
+        saved_model, saved_opt = _snapshot(model, optimizer)
+        mgr.save(2, blocking=False)
+        mgr.wait()
+        assert {k: v.data_ptr() for k, v in mgr._stager._buffers.items()} == first
+        assert len(optimizer._optimizer_step_pre_hooks) == 1
+    assert len(optimizer._optimizer_step_pre_hooks) == 0
+
+    loaded_model, loaded_opt = _load_fresh(tmp_path, 2)
+    assert_tensors_equal(saved_model, dict(loaded_model.state_dict()), "model")
+    assert_tensors_equal(saved_opt, optimizer_tensors(loaded_opt), "optimizer")
