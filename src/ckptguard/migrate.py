@@ -415,9 +415,9 @@ def migrate(
     spec_for_prefix = _spec_from_model(model) if model is not None else _spec_from_state(legacy.model)
     model_sd, stripped = _strip_wrapper_prefix(legacy.model, spec_for_prefix)
     legacy.model = model_sd
+    if spec_for_prefix.from_model:  # a different model explains everything after: say so first
+        _check_model(model_sd, spec_for_prefix, legacy.source)
     slots, source, spec = plan_mapping(legacy, model=model, optimizer=optimizer, param_names=param_names)
-    if spec.from_model:
-        _check_model(model_sd, spec, legacy.source)
     osd, filled = _new_optimizer_state(legacy, slots, optimizer)
 
     rank_states = {LR_SCHEDULER: legacy.lr_scheduler} if legacy.lr_scheduler is not None else {}
