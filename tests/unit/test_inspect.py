@@ -163,3 +163,17 @@ def test_format_nbytes():
     assert [format_nbytes(n) for n in (0, 1023, 1024, 5 << 20, 3 << 30)] == [
         "0 B", "1023 B", "1.0 KiB", "5.0 MiB", "3.0 GiB",
     ]
+
+
+def test_root_of_old_format_step_dirs_points_to_migrate(tmp_path, capsys):
+    """Old DCP checkpoints named like ours (step-200) but without a manifest are listed with
+    the advice, and naming the root for one checkpoint gives the migrate command."""
+    root = tmp_path / "old-run"
+    model, opt, sched = build_tied_training()
+    train_steps(model, opt, sched, 1)
+    save_legacy_checkpoint(root / "step-200", model, opt, sched, step=200)
+    info = inspect_path(root)
+    assert info.selected is None
+    assert info.steps[0].note.startswith("old index-keyed format")
+    assert main(["export", str(root), str(tmp_path / "w.pt")]) == 2
+    assert f"ckptguard migrate {root / 'step-200'} {root} --factory" in capsys.readouterr().err

@@ -153,3 +153,20 @@ def test_console_script(root):
     flip_byte(_shard(root / "step-00000004"))
     bad = subprocess.run(cmd + ["verify", str(root)], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and "corrupted" in bad.stdout
+
+
+def test_progress_is_quiet_off_a_terminal(monkeypatch):
+    """Bars only on a terminal: captured stderr (pytest, CI logs, pipes) gets none."""
+    from ckptguard.tools import _progress
+
+    monkeypatch.delenv("CKPTGUARD_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert not _progress.progress_enabled()
+    bar = _progress.progress(range(3), desc="x")
+    assert list(bar) == [0, 1, 2] and type(bar).__name__ == "_Silent"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert _progress.progress_enabled()
+    monkeypatch.setenv("CKPTGUARD_NO_PROGRESS", "1")
+    assert not _progress.progress_enabled()
+    forced = _progress.progress(range(2), enabled=True)
+    assert type(forced).__name__ == "tqdm" and list(forced) == [0, 1]

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from ckptguard.layout import MANIFEST_NAME, CheckpointLayout, rank_filename
 from ckptguard.states import MODEL, OPTIMIZER, RNG
 from ckptguard.tools._progress import progress
+from ckptguard.tools.legacy import detect_legacy
 from ckptguard.tools.reader import find_checkpoint, flatten, is_root, read_checked_manifest
 
 
@@ -292,7 +293,10 @@ def summarize_root(root: str | os.PathLike) -> list[StepSummary]:
         ))
     for d in sorted(root.glob("step-*")):
         if d.is_dir() and not (d / MANIFEST_NAME).is_file():
-            out.append(StepSummary(d.name, None, False, disk_nbytes=_dir_nbytes(d)[1], note="no manifest: never loaded"))
+            note = "no manifest: never loaded"
+            if detect_legacy(d) is not None:
+                note = "old index-keyed format: convert with ckptguard migrate (docs/cli-migrate.md)"
+            out.append(StepSummary(d.name, None, False, disk_nbytes=_dir_nbytes(d)[1], note=note))
     for d in layout.transient_dirs():
         kind = d.name.rsplit(".", 1)[-1]
         note = {"partial": "save interrupted or in progress", "deleting": "deletion interrupted"}.get(kind, kind)

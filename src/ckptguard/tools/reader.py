@@ -153,6 +153,11 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
         others = [p.name for p in layout.transient_dirs()]
         others += [p.name for p in path.glob("step-*") if not (p / MANIFEST_NAME).is_file()]
         want = f"checkpoint of step {step}" if step is not None else "complete checkpoint"
+        from ckptguard.tools.legacy import find_legacy_checkpoints  # imports this module
+
+        old = find_legacy_checkpoints(path)
+        if old and step is None:
+            raise CheckpointFormatError(old[-1].message(path, [c.path for c in old[:-1]]))
         raise CheckpointNotFoundError(
             f"{path} holds no {want}; complete steps: {steps or 'none'}"
             + (f"; incomplete (never loaded): {sorted(others)}" if others else "")
