@@ -13,10 +13,13 @@ from ckptguard.errors import (
     StateMismatchError,
     UnsupportedStateError,
 )
+from ckptguard.guard.findings import Finding, GuardReport
 from ckptguard.manager import CheckpointManager
 
 __all__ = [
     "CheckpointManager",
+    "GuardReport",
+    "Finding",
     "CheckpointError",
     "CheckpointCorruptError",
     "CheckpointExistsError",

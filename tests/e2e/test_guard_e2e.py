@@ -33,6 +33,7 @@ from ckptguard.demo import TinyLM, TokenWindows, build_optimizer, make_dataset, 
 from ckptguard.guard.audit import audit
 from ckptguard.manager import CheckpointManager
 from ckptguard.testing import ResumeContext, run_resume_check
+from tests._helpers import launcher_free_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOTAL_STEPS = 16
@@ -55,8 +56,16 @@ def _train(ctx: ResumeContext, *, restart_loader: bool = False, reseed: bool = F
     torch.manual_seed(seed)
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    loader = StatefulDataLoader(TokenWindows(opts["data"]), batch_size=16, shuffle=True, drop_last=True)
+    dataset = TokenWindows(opts["data"], ctx.rank, ctx.world_size)
+    loader = StatefulDataLoader(dataset, batch_size=16, shuffle=True, drop_last=True)
     model = TinyLM()
+    if ctx.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (ctx.world_size,))
+        fully_shard(model.hidden, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     optimizer = build_optimizer(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(ctx.total_steps))
     mgr = CheckpointManager(
@@ -107,10 +116,10 @@ def data(tmp_path_factory) -> str:
     return str(make_dataset(tmp_path_factory.mktemp("data") / "tokens.npy"))
 
 
-def _check(fn: str, workdir: Path, data: str):
+def _check(fn: str, workdir: Path, data: str, nproc: int = 1):
     return run_resume_check(
         f"tests.e2e.test_guard_e2e:{fn}", workdir, total_steps=TOTAL_STEPS, stop_at=STOP_AT,
-        options={"data": data}, timeout_s=PROCESS_TIMEOUT_S,
+        options={"data": data}, timeout_s=PROCESS_TIMEOUT_S, nproc=nproc,
     )
 
 
@@ -139,14 +148,16 @@ def test_reseeded_rng_is_blamed_on_the_rng(tmp_path, data):
     assert d.fields == ["rng", "loss"] and "torch" in d.message
 
 
-def _leg(fn: str, ckpt: Path, out: Path, options: dict) -> None:
+def _leg(fn: str, ckpt: Path, out: Path, options: dict, nproc: int = 1) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd = [
-        sys.executable, "-m", "ckptguard.testing", "--fn", f"tests.e2e.test_guard_e2e:{fn}",
+        sys.executable, *launcher, "-m", "ckptguard.testing", "--fn", f"tests.e2e.test_guard_e2e:{fn}",
         "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--total-steps", str(TOTAL_STEPS),
         "--options", json.dumps(options),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    env = launcher_free_env()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -174,3 +185,41 @@ def test_preempted_run_then_audit(tmp_path, data, fn, cause):
         assert proc.returncode == 1
         assert (resume.divergence.step, resume.divergence.cause) == (13, cause)
         assert cli["resumes"][0]["divergence"]["cause"] == cause
+
+
+@pytest.mark.timeout(900)
+def test_two_ranks_fsdp2_clean_and_reseeded(tmp_path, data):
+    """Per-rank traces under FSDP2: a clean resume compares every step of both ranks; a
+    reseed is blamed on the RNG (every rank reseeds, the earliest step is reported)."""
+    clean = _check("train_clean", tmp_path / "clean", data, nproc=2)
+    assert clean.exact and clean.divergence is None, clean.format()
+    assert sorted(p.name for p in (tmp_path / "clean" / "ckpt-b").glob("trace*.jsonl")) == [
+        "trace-rank-00001.jsonl", "trace.jsonl",
+    ]
+    broken = _check("train_reseeding", tmp_path / "broken", data, nproc=2)
+    assert (broken.divergence.step, broken.divergence.cause) == (STOP_AT + 1, "rng"), broken.format()
+
+
+@pytest.mark.timeout(900)
+def test_world_size_change_is_reported_at_load_and_in_the_audit(tmp_path, data):
+    """Saved by 2 ranks (FSDP2), resumed by 1 process: the state reshards, the findings say the
+    data positions and RNG streams cannot be exact, and the trace is not compared."""
+    ckpt = tmp_path / "ckpt"
+    _leg("train_clean", ckpt, tmp_path / "first", {"data": data, "save_at": 6, "die_at": 8}, nproc=2)
+    _leg("train_clean", ckpt, tmp_path / "second", {"data": data})
+    (resume,) = audit(ckpt).resumes
+    found = {(f.check, f.component) for f in resume.findings}
+    assert found == {("world_size", "dataloader"), ("world_size", "rng")}
+    assert "saved by 2 rank(s), resumed on 1" in resume.findings[0].message
+    assert resume.divergence is None and "world size changed from 2 to 1" in resume.skipped
+
+
+def test_the_documented_example_test_passes(tmp_path):
+    """examples/test_my_trainer_resumes.py is what users copy: keep it working."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'base'}",
+         str(REPO_ROOT / "examples" / "test_my_trainer_resumes.py")],
+        capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, cwd=tmp_path, env=launcher_free_env(),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "1 passed" in proc.stdout
