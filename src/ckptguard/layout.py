@@ -4,7 +4,8 @@
 
     ROOT/
       .ckptguard.lock             flock held by rank 0 of the job that writes here
-      trace.jsonl                 run trace (ckptguard.guard), appended by rank 0
+      trace.jsonl                 run trace of rank 0 (ckptguard.guard.trace, mgr.record)
+      trace-rank-00001.jsonl ...  the other ranks' run traces
       step-00000500/              one complete checkpoint
         __0_0.distcp ...          DCP shards of model and optimizer (one file per rank)
         .metadata                 DCP's index of the shards (pickle; written by DCP)

@@ -7,7 +7,7 @@ save and load (DCP for model and optimizer, ``torch.save`` + ``weights_only`` lo
 but not through the commit protocol: the files go to a hidden directory under the root (shared
 by all ranks, like the checkpoints), which is removed afterwards. The dataloader is neither
 saved nor restored: asking a loader for its state can start its iterator, which would change the
-run being checked.
+run being checked. It needs memory for one copy of the state (the "before" it compares with).
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def verify_roundtrip(mgr: Any) -> RoundtripResult:
     before_rank = {n: _clone(mgr._rank_states[n].state_dict()) for n in names}
 
     def make_dir() -> str:
+        for leftover in mgr.root.glob(".ckptguard-roundtrip-*"):  # of a process killed mid-way
+            shutil.rmtree(leftover, ignore_errors=True)
         path = mgr.root / f".ckptguard-roundtrip-{mgr.guard.segment}"
-        if path.exists():
-            shutil.rmtree(path)
         path.mkdir(parents=True)
         return str(path)
 
