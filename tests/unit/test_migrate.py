@@ -494,3 +494,29 @@ def test_cli_migrate_errors(old_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "embed.weight" in err and "error" in err
     _assert_nothing_written(tmp_path / "new")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_old_checkpoint_saved_from_gpu_migrates_and_loads_on_gpu(tmp_path):
+    """torch.save of CUDA tensors: migrate reads them to CPU, the manager loads them back onto
+    the GPU model, every moment equal."""
+    model, opt, sched = build_tied_training()
+    model.cuda()
+    opt = build_tied_optimizer(model)
+    x = torch.randint(0, 33, (8, 4), device="cuda")
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(x), x[:, -1]).backward()
+        opt.step()
+        opt.zero_grad()
+    save_legacy_checkpoint(tmp_path / "old.pt", model, opt, step=2, fmt="torch")
+    migrate(tmp_path / "old.pt", tmp_path / "new", **_meta_kw())
+    m2 = TiedLM().cuda()
+    o2 = build_tied_optimizer(m2)
+    with CheckpointManager(tmp_path / "new", model=m2, optimizer=o2) as mgr:
+        assert mgr.load() == 2
+    assert m2.embed.weight.is_cuda
+    assert_tensors_equal(
+        {k: v.cpu() for k, v in optimizer_tensors(opt).items()},
+        {k: v.cpu() for k, v in optimizer_tensors(o2).items()}, "optimizer",
+    )
