@@ -112,6 +112,16 @@ def test_changed_schedule_is_an_lr_error_naming_both_lrs(tmp_path):
     assert f.saved[0] == saved_lr and f.current[0] == pytest.approx(saved_lr * (STEP + 1) / 20)
 
 
+def test_other_scheduler_class_is_an_error(tmp_path):
+    save_run(tmp_path)
+    m, o, _ = make_training_objects(seed=1)
+    step_lr = torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)
+    report, _ = resume(tmp_path, model=m, opt=o, sched=step_lr)
+    f = only(report, "lr_scheduler_class")
+    assert (f.component, f.severity) == ("lr_scheduler", Severity.ERROR)
+    assert "LambdaLR, the live one StepLR" in f.message
+
+
 def test_allow_lr_change_turns_it_into_info_with_the_distance(tmp_path):
     save_run(tmp_path)
     m, o, _ = make_training_objects(seed=1)

@@ -340,3 +340,18 @@ def test_audit_plot_writes_a_png(tmp_path, capsys):
     assert cli_main(["audit", str(tmp_path), "--plot", str(out)]) == 1
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_and_rng_are_traced():
+    from ckptguard.guard.trace import hash_rng
+
+    x = torch.arange(3 * (FULL_HASH_MAX_BYTES // 4), dtype=torch.float32)  # sampled path too
+    assert hash_batch(x.cuda()) == hash_batch(x)
+    assert hash_batch(batch(3)[0].cuda()) == hash_batch(batch(3)[0])
+    torch.zeros(1, device="cuda")  # initialises CUDA
+    before = hash_rng()
+    torch.rand(4, device="cuda")
+    after = hash_rng()
+    assert "cuda" in before and before["cuda"] != after["cuda"] and before["torch"] == after["torch"]

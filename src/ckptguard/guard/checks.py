@@ -81,6 +81,20 @@ def check_components(saved: list[str], live: list[str]) -> list[Finding]:
     return out
 
 
+def check_scheduler_class(saved: str | None, live: str | None) -> list[Finding]:
+    """Another scheduler class restores the old one's attributes into itself without error and
+    then computes its own schedule from them."""
+    if not saved or not live or saved == live:
+        return []
+    return [Finding(
+        "lr_scheduler_class", "lr_scheduler", Severity.ERROR,
+        f"the checkpoint's LR scheduler is {saved}, the live one {live}: its restored state "
+        f"({saved}'s attributes) is read by {live}'s formula, so the resumed schedule is neither. "
+        f"Resume with a {saved}, or start the new schedule without loading the old one.",
+        saved=saved, current=live,
+    )]
+
+
 def check_world_size(saved: int, live: int) -> list[Finding]:
     if saved == live:
         return []

@@ -153,6 +153,7 @@ class ResumeGuard:
             grad_accum_steps=self.grad_accum_steps,
         )
         report.findings += checks.check_components(manifest.get("components", []), live.components)
+        report.findings += checks.check_scheduler_class(guard_info.get("lr_scheduler_class"), _scheduler_class(self.rank_states))
         report.findings += checks.check_world_size(int(manifest.get("world_size", self.world_size)), self.world_size)
         report.findings += checks.check_trainer({**guard_info.get("trainer", {}), "micro_step": guard_info.get("micro_step")}, live)
         if self.optimizer is not None:
