@@ -48,13 +48,20 @@ EXTRA_PROBES: list[tuple[str, str, str]] = [
     ("checksums + done record", "ckptguard.manager", "CheckpointManager._write_done_record"),
     ("second-pass file hashing (hash_files)", "ckptguard.manager", "hash_files"),
     ("manifest + commit + prune (rank 0)", "ckptguard.manager", "CheckpointManager._commit"),
-    ("guard checks at save", "ckptguard.guard", "check_save"),
-    ("run trace", "ckptguard.guard", "append_trace"),
+    ("guard checks before save (+ trace fsync)", "ckptguard.guard.resume_guard",
+     "ResumeGuard.before_save"),
+    ("guard bookkeeping after save", "ckptguard.guard.resume_guard", "ResumeGuard.after_save"),
     ("verify on load (read + crc32 of every file)", "ckptguard.manager",
      "CheckpointManager._verify"),
     ("rank file load + RNG restore", "ckptguard.manager", "CheckpointManager._load_rank_file"),
-    ("guard checks at load", "ckptguard.guard", "check_load"),
+    ("guard checks before load (manifest, metadata vs live objects)",
+     "ckptguard.guard.resume_guard", "ResumeGuard.before_load"),
+    ("guard checks after load (read back moments, LR, mode)", "ckptguard.guard.resume_guard",
+     "ResumeGuard.after_load"),
 ]
+
+# The run trace is paid per training step, not per save: ``record()`` is timed on its own.
+_TRACE_BATCH = (8, 2048)  # int64 token ids, as a language-model batch
 
 
 # ------------------------------------------------------------------------------------- state
@@ -370,9 +377,19 @@ def method_ckptguard(ctx: Context, rep: int) -> dict[str, Any]:
     with ctx.probes.collect() as load_extras:
         cold_s, load_mem, _ = _timed(lambda: mgr.load(step))
     warm_s, _, _ = _timed(lambda: mgr.load(step))
-    return {"save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
-            "load_mem": load_mem, "cache_drop": cache, "rehash_s": rehash_s,
-            "save_extras": save_extras, "load_extras": load_extras}
+    out = {"save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
+           "load_mem": load_mem, "cache_drop": cache, "rehash_s": rehash_s,
+           "save_extras": save_extras, "load_extras": load_extras}
+    record = getattr(mgr, "record", None)
+    if callable(record):
+        batch = torch.randint(0, 50_000, _TRACE_BATCH, generator=torch.Generator().manual_seed(rep))
+        loss = torch.tensor(2.5)
+        n = 20
+        t0 = time.perf_counter()
+        for i in range(n):
+            record(step * 1000 + i, loss=loss, batch=batch)
+        out["trace_record_s"] = (time.perf_counter() - t0) / n
+    return out
 
 
 def method_ckptguard_async(ctx: Context, rep: int) -> dict[str, Any]:
@@ -387,9 +404,9 @@ def method_ckptguard_async(ctx: Context, rep: int) -> dict[str, Any]:
         mgr.save(step, blocking=False, overwrite=True)
         stall = time.perf_counter() - t0
         staged = None
-        waiter = getattr(mgr, "wait_for_staging", None)
-        if callable(waiter):
-            waiter()
+        stager = getattr(mgr, "_stager", None)  # ckptguard._staging.BackgroundStager
+        if stager is not None:
+            stager.wait()
             staged = time.perf_counter() - t0
         mgr.wait()
         return stall, staged, time.perf_counter() - t0
@@ -399,6 +416,9 @@ def method_ckptguard_async(ctx: Context, rep: int) -> dict[str, Any]:
     out = {"stall_s": stall_s, "complete_s": complete_s, "save_mem": mem, "save_extras": extras}
     if staged_s is not None:
         out["staged_s"] = staged_s
+    stager = getattr(mgr, "_stager", None)
+    if stager is not None:  # the staging copy kept between saves (not in peak RSS after save 1)
+        out["held_mem"] = sum(b.nbytes for b in stager._buffers.values())
     return out
 
 

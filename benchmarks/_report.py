@@ -18,8 +18,8 @@ TARGETS = {
 }
 
 _TIME_KEYS = ("save_s", "load_cold_s", "load_warm_s", "stall_s", "staged_s", "complete_s",
-              "rehash_s")
-_MEM_KEYS = ("save_mem", "load_mem")
+              "rehash_s", "trace_record_s")
+_MEM_KEYS = ("save_mem", "load_mem", "held_mem")
 
 
 def reduce_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -166,8 +166,8 @@ def config_markdown(cfg: dict[str, Any]) -> str:
     lines += [
         "",
         "| async method | caller stall s | stall % of ckptguard sync save | staged s | "
-        "complete s | complete GB/s | peak extra RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "complete s | complete GB/s | peak extra RSS MiB | staging copy kept MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in ("dcp.async_save", "ckptguard async"):
         if method not in s:
@@ -178,8 +178,14 @@ def config_markdown(cfg: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {_fmt_s(m.get('stall_s'))} | {pct} | {_fmt_s(m.get('staged_s'))} | "
             f"{_fmt_s(m.get('complete_s'))} | {_gbps(nbytes, m.get('complete_s'))} | "
-            f"{_mib(m.get('save_mem'))} |"
+            f"{_mib(m.get('save_mem'))} | {_mib(m.get('held_mem'))} |"
         )
+    lines += [
+        "",
+        "Memory columns are per rank (max over ranks). A staging copy kept between saves is "
+        "allocated by the first async save only, so it shows in that save's peak RSS and in the "
+        "last column, not in the median peak.",
+    ]
     lines += _extras_markdown(cfg)
     t = cfg["targets"]
     lines += [
@@ -230,6 +236,10 @@ def _extras_markdown(cfg: dict[str, Any]) -> list[str]:
             if m and m["median"] > 0:
                 pct = "—" if not ref else f"{100 * m['median'] / ref:.1f}%"
                 lines.append(f"| {label} | {m['median']:.4f} | {pct} |")
+    trace = cg.get("trace_record_s")
+    if trace:
+        lines.append(f"| run trace: `record(step, loss, batch)` of an 8x2048 int64 batch, per "
+                     f"training step | {trace['median']:.5f} | per step, not per save |")
     rehash = cg.get("rehash_s")
     if rehash:
         pct = "—" if not save_med else f"{100 * rehash['median'] / save_med:.1f}%"
