@@ -66,7 +66,7 @@ ASYNC_POINTS = [p for p in _faults.POINTS if p not in MAIN_THREAD]
 class KillCase:
     nproc: int
     mode: str  # "sync" | "async"
-    point: str | None  # None: killed from outside, ``at_fraction`` into an uninterrupted run
+    point: str | None  # None: killed from outside, ``at_fraction`` into the training loop
     save_step: int = 6  # the save (or, for prune points, the save whose retention) it hits
     rank: int | None = None
     at_fraction: float = 0.0
@@ -134,7 +134,7 @@ def soak_cases(n: int) -> list[KillCase]:
                 if nproc > 1:
                     rank = 0 if point in RANK0_ONLY else rng.randrange(nproc)
                 cases.append(KillCase(nproc, mode, point, rng.choice(steps), rank))
-                cases.append(KillCase(nproc, mode, None, at_fraction=rng.uniform(0.5, 1.0)))
+                cases.append(KillCase(nproc, mode, None, at_fraction=rng.uniform(0.0, 1.0)))
     return cases
 
 
@@ -145,8 +145,9 @@ def _launch(
     nproc: int, ckpt: Path, out: Path, data: Path, *, mode: str = "sync", keep_last: int = KEEP_LAST,
     fault: str | None = None, resave_at: int | None = None, kill_after_s: float | None = None,
 ) -> tuple[int, str]:
-    """Run the trainer (under torchrun if ``nproc > 1``) in its own process group; return
-    (exit status, log). Whatever happens, nothing of that group outlives the call."""
+    """``kill_after_s``: SIGKILL the whole run that long after its training loop started."""
+    """Run the trainer (under torchrun if ``nproc > 1``); return (exit status, log).
+    Whatever happens, no process of that run outlives the call."""
     args = [
         str(TRAINER), "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--data", str(data),
         "--total-steps", str(TOTAL_STEPS), "--save-every", str(SAVE_EVERY), "--mode", mode,
@@ -168,24 +169,50 @@ def _launch(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             if kill_after_s is not None:
+                started = out / "loaded-rank0.json"  # written just before the first step
+                deadline = time.monotonic() + PROCESS_TIMEOUT_S
+                while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 try:
                     proc.wait(timeout=kill_after_s)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)  # every rank at once, like a lost node
+                    _kill_run(proc.pid, out)  # every rank at once, like a lost node
             proc.wait(timeout=PROCESS_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"trainer hung for {PROCESS_TIMEOUT_S}s: {' '.join(cmd)}; log {log_path}")
         finally:
-            _kill_group(proc.pid)
+            _kill_run(proc.pid, out)
             proc.wait()
     return proc.returncode, log_path.read_text()
 
 
-def _kill_group(pgid: int) -> None:
+def _kill_run(pgid: int, out: Path) -> None:
+    """SIGKILL the launched process group and every process of this run outside it: torchrun
+    starts each worker in a session of its own, so killing torchrun's group would leave the
+    ranks running (and writing into the root). Workers are found by their command line, which
+    holds this run's unique ``--out-dir``."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    marker = f"--out-dir\0{out}\0".encode()
+    deadline = time.monotonic() + 30
+    while True:
+        alive = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "cmdline").read_bytes():  # empty once it is a zombie
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    alive.append(int(entry.name))
+            except OSError:
+                pass  # gone meanwhile, or not ours to read
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes {alive} of the run writing {out} survived SIGKILL")
+        time.sleep(0.05)
 
 
 def _losses(out: Path, rank: int) -> dict[int, str]:
@@ -230,15 +257,16 @@ def references(tmp_path_factory, data):
     runs: dict[int, tuple[Path, Path, float]] = {}
 
     def get(nproc: int) -> tuple[Path, Path, float]:
-        """(checkpoint root, output dir, wall time in seconds) of the reference run."""
+        """(checkpoint root, output dir, seconds its training loop took) of the reference run."""
         if nproc not in runs:
             base = tmp_path_factory.mktemp(f"kill-ref-{nproc}")
-            started = time.monotonic()
-            code, log = _launch(nproc, base / "ckpt", base / "out", data, keep_last=0)
+            out = base / "out"
+            code, log = _launch(nproc, base / "ckpt", out, data, keep_last=0)
             assert code == 0, f"reference run failed (exit {code}):\n{log[-3000:]}"
             steps = CheckpointLayout(base / "ckpt").complete_steps()
             assert steps == SAVE_STEPS, f"reference run saved {steps}, expected {SAVE_STEPS}"
-            runs[nproc] = (base / "ckpt", base / "out", time.monotonic() - started)
+            train_s = (out / "finished-rank0").stat().st_mtime - (out / "loaded-rank0.json").stat().st_mtime
+            runs[nproc] = (base / "ckpt", out, train_s)
         return runs[nproc]
 
     return get
@@ -270,13 +298,13 @@ def summary(request):
 
 
 def check_kill(case: KillCase, tmp_path: Path, data: Path, references, summary) -> None:
-    ref_ckpt, ref_out, ref_wall_s = references(case.nproc)
+    ref_ckpt, ref_out, ref_train_s = references(case.nproc)
     ckpt, out_kill, out_resume = tmp_path / "ckpt", tmp_path / "killed", tmp_path / "resumed"
 
     code, log = _launch(
         case.nproc, ckpt, out_kill, data, mode=case.mode, fault=case.fault,
         resave_at=case.resave_at,
-        kill_after_s=case.at_fraction * ref_wall_s if case.point is None else None,
+        kill_after_s=case.at_fraction * ref_train_s if case.point is None else None,
     )
     if case.point is not None:
         # The fault must have fired where planned: a test whose fault never fires proves nothing.
@@ -291,7 +319,8 @@ def check_kill(case: KillCase, tmp_path: Path, data: Path, references, summary) 
     # copy after the recovery a manager runs when it opens the root (an overwrite killed between
     # its renames is put back there); the resumed process below recovers the original itself.
     inspect = tmp_path / "inspect"
-    shutil.copytree(ckpt, inspect)
+    if ckpt.exists():  # a random kill may come before the trainer created the root
+        shutil.copytree(ckpt, inspect)
     CheckpointLayout(inspect).recover()
     steps = CheckpointLayout(inspect).complete_steps()
     newest = steps[-1] if steps else 0
@@ -304,7 +333,7 @@ def check_kill(case: KillCase, tmp_path: Path, data: Path, references, summary) 
     for step in steps:
         assert step in SAVE_STEPS
         _assert_checkpoints_equal(inspect / step_dirname(step), ref_ckpt / step_dirname(step))
-    shutil.rmtree(inspect)
+    shutil.rmtree(inspect, ignore_errors=True)
 
     # 2. a new process loads exactly that, 3. and resumes bit-exactly
     code, log = _launch(case.nproc, ckpt, out_resume, data, mode=case.mode)
