@@ -216,12 +216,15 @@ class CheckpointManager:
         )
         started = time.monotonic()
         partial = self.layout.partial_dir(step)
-        self._on_rank0_then_all(lambda: self._prepare_partial(step, overwrite))
-        fault_point("partial_created")
+        self._on_rank0_then_all(lambda: self._prepare_partial(step, overwrite), error=CommitError)
 
         # A rank that fails alone (full disk) must not leave the others waiting in DCP's
         # collectives: every rank learns of the failure and raises the same CommitError.
-        self._on_every_rank(lambda: self._write_rank_file(partial, step), f"writing {partial}")
+        def write_rank_file() -> None:
+            fault_point("partial_created")
+            self._write_rank_file(partial, step)
+
+        self._on_every_rank(write_rank_file, f"writing {partial}")
         tensor_sd = self._tensor_state.state_dict()
         # fsyncs each file while hashing it (see _writer): the checksums cost almost nothing
         hashing_writer = HashingFileSystemWriter(
@@ -269,10 +272,17 @@ class CheckpointManager:
         except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - reported on every rank below
             # DCP's CheckpointException derives from BaseException: name it, or a failed write
             # skips the all_gather below on this rank and the other ranks hang in it.
-            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+            error = (isinstance(e, CheckpointError), f"rank {self.rank}: {_describe(e)}")
         errors = [e for e in _dist.all_gather_object(error, self._group) if e]
         if errors:
-            raise CommitError(f"async save of step {pending.step} failed: " + "; ".join(errors))
+            partial = self.layout.partial_dir(pending.step)
+            raise CommitError(
+                f"async save of step {pending.step} to {partial} failed: "
+                + "; ".join(text for _, text in errors)
+                + ("" if all(ours for ours, _ in errors) else
+                   f"{_free_space(self.root)}. The checkpoint was not committed and the previous "
+                   "ones are untouched; fix the cause (e.g. free disk space) and save again.")
+            )
         logger.info("async save of step %d complete after %.2fs", pending.step, time.monotonic() - pending.started)
         return path if path is not None else self.layout.step_dir(pending.step)
 
@@ -304,8 +314,14 @@ class CheckpointManager:
     def _prepare_partial(self, step: int, overwrite: bool) -> Path:
         # Leftovers of a save that failed in this process (e.g. on a full disk) go now, not at
         # the next start; recover() also puts back a checkpoint an interrupted overwrite moved.
-        self.layout.recover()
-        return self.layout.prepare_partial(step, overwrite)
+        try:
+            self.layout.recover()
+            return self.layout.prepare_partial(step, overwrite)
+        except OSError as e:
+            raise CommitError(
+                f"cannot create {self.layout.partial_dir(step)}: {e}. Nothing was written; the "
+                "previous checkpoints are untouched."
+            ) from e
 
     def _write_rank_file(self, partial: Path, step: int) -> None:
         payload = {
@@ -382,13 +398,19 @@ class CheckpointManager:
             fault_point("commit_start")
             path = self.layout.commit(step, manifest)
         except OSError as e:
+            final = self.layout.step_dir(step)
+            if not partial.exists() and (final / MANIFEST_NAME).is_file():
+                raise CommitError(
+                    f"{final} was renamed into place but {self.root} could not be fsynced: {e}. "
+                    "It loads now but might not survive a power loss; save a later step to be sure."
+                ) from e
             raise CommitError(
                 f"could not commit {partial} as {self.layout.step_dir(step).name}: {e}. The "
                 "checkpoint was not committed and the previous ones are untouched; fix the cause "
                 "(e.g. free disk space) and save again."
             ) from e
-        fault_point("prune_start")
         try:
+            fault_point("prune_start")
             self.layout.prune(self.keep_last, protect=step)
         except OSError as e:
             # The new checkpoint is committed: failing the save now would make the caller think
@@ -494,18 +516,16 @@ class CheckpointManager:
             self._verify(step_dir, manifest)
 
         template = self._tensor_state.state_dict()
-        report = self.guard.before_load(manifest["step"], step_dir, manifest, template, strict_keys=strict)
+        try:
+            report = self.guard.before_load(manifest["step"], step_dir, manifest, template, strict_keys=strict)
+        except (OSError, EOFError, pickle.UnpicklingError) as e:  # it reads DCP's .metadata
+            raise self._unreadable(step_dir, e) from e
         try:
             with _quiet_no_dist():
                 dcp.load(template, storage_reader=dcp.FileSystemReader(step_dir), **self._dcp_kwargs())
         except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
             if _is_read_failure(e):
-                raise CheckpointCorruptError(
-                    f"cannot read the model/optimizer files of {step_dir}: {_describe(e)}. "
-                    + ("" if self.verify_on_load else "verify_on_load=False: the files were not "
-                       "checked against the manifest, which would name the damaged one. ")
-                    + "Load another step, or use load(fallback=True)."
-                ) from e
+                raise self._unreadable(step_dir, e) from e
             raise StateMismatchError(
                 f"cannot load the model/optimizer of {step_dir} into the live objects: {e}"
             ) from e
@@ -517,6 +537,14 @@ class CheckpointManager:
             error=StateMismatchError,
         )
         self.last_report = self.guard.after_load(report, template, manifest)
+
+    def _unreadable(self, step_dir: Path, e: BaseException) -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"cannot read the model/optimizer files of {step_dir}: {_describe(e)}. "
+            + ("" if self.verify_on_load else "verify_on_load=False: the files were not "
+               "checked against the manifest, which would name the damaged one. ")
+            + "Load another step, or use load(fallback=True)."
+        )
 
     def _choose_step(self, step: int | None) -> int | None:
         steps = self.layout.complete_steps()
@@ -683,8 +711,9 @@ class CheckpointManager:
         )
         if error is CommitError:
             raise CommitError(
-                f"{what} failed: {causes}. The checkpoint was not committed and the previous ones "
-                "are untouched; fix the cause (e.g. free disk space) and save again."
+                f"{what} failed: {causes}{_free_space(self.root)}. The checkpoint was not committed "
+                "and the previous ones are untouched; fix the cause (e.g. free disk space) and "
+                "save again."
             )
         raise error(f"{what} failed: {causes}")
 
@@ -700,6 +729,16 @@ def _describe(e: BaseException) -> str:
             f"{type(exc).__name__}: {exc} (DCP, rank {rank})" for rank, (exc, _) in e.failures.items()
         )
     return f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
+
+
+def _free_space(path: Path) -> str:
+    """A hint for write errors whose own text hides a full disk (torch's zip writer reports a
+    short write as "unexpected pos")."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    return f" ({st.f_bavail * st.f_frsize / 2**30:.2f} GiB free on the file system of {path})"
 
 
 def _is_read_failure(e: BaseException) -> bool:
