@@ -10,10 +10,12 @@ A rank *killed* mid-save is covered by ``tests/e2e/test_kill.py`` (2 ranks under
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch.distributed as dist
 
-from ckptguard import CheckpointManager, CommitError, _faults
+from ckptguard import CheckpointCorruptError, CheckpointManager, CommitError, _faults
 from ckptguard.layout import CheckpointLayout
 from tests.distributed._fsdp import (
     assert_all_ranks,
@@ -88,5 +90,46 @@ def test_one_rank_failing_mid_save_commits_nothing(mesh, shared_tmp, point, bad_
     train_sharded(model, optimizer, scheduler, 1, first_batch=2)
     mgr.load(1)
     problems += tensor_problems(at_1, local_state(model, optimizer), "step 1 after the failure")
+    mgr.close()
+    assert_all_ranks(problems)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+def test_damage_seen_by_one_rank_fails_both_and_fallback_is_agreed(mesh, shared_tmp, caplog, verify):
+    """Rank 1's own file of the newest checkpoint is damaged. Without checksums only rank 1
+    notices, while reading it: both ranks must still raise (a rank going on alone would hang in
+    the next collective), and ``fallback=True`` must bring both back to the same older step."""
+    seed_per_rank(0)
+    model, optimizer, scheduler = build_sharded(mesh, seed=0, with_scheduler=True)
+    mgr = CheckpointManager(
+        shared_tmp, model=model, optimizer=optimizer, lr_scheduler=scheduler, keep_last=None,
+        verify_on_load=verify,
+    )
+    train_sharded(model, optimizer, scheduler, 1, first_batch=0)
+    mgr.save(1)
+    at_1 = local_state(model, optimizer)
+    train_sharded(model, optimizer, scheduler, 1, first_batch=1)
+    mgr.save(2)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        path = shared_tmp / "step-00000002" / "rank-00001.pt"
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    dist.barrier()
+
+    problems: list[str] = []
+    try:
+        mgr.load()
+        problems.append("load() of the damaged step 2 succeeded")
+    except CheckpointCorruptError as e:
+        if "rank-00001.pt" not in str(e):
+            problems.append(f"the error does not name rank-00001.pt: {e}")
+    with caplog.at_level(logging.WARNING, logger="ckptguard"):
+        step = mgr.load(fallback=True)
+    if step != 1:
+        problems.append(f"load(fallback=True) returned {step}, expected 1")
+    if dist.get_rank() == 0 and "fallback" not in caplog.text:
+        problems.append("no fallback WARNING on rank 0")
+    problems += tensor_problems(at_1, local_state(model, optimizer), "after fallback to step 1")
     mgr.close()
     assert_all_ranks(problems)
