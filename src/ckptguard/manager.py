@@ -37,6 +37,7 @@ from torch import nn
 
 from ckptguard import _dist
 from ckptguard._faults import fault_point, instrument_writer
+from ckptguard._reader import DirectFileSystemReader
 from ckptguard._staging import BackgroundStager
 from ckptguard._version import FORMAT_VERSION, __version__
 from ckptguard._writer import HashingFileSystemWriter
@@ -522,7 +523,9 @@ class CheckpointManager:
             raise self._unreadable(step_dir, e) from e
         try:
             with _quiet_no_dist():
-                dcp.load(template, storage_reader=dcp.FileSystemReader(step_dir), **self._dcp_kwargs())
+                # reads each tensor straight into the live one (see _reader): the files were
+                # just read to verify them, so this is one copy from the page cache
+                dcp.load(template, storage_reader=DirectFileSystemReader(step_dir), **self._dcp_kwargs())
         except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
             if _is_read_failure(e):
                 raise self._unreadable(step_dir, e) from e
