@@ -45,9 +45,14 @@ EXTRA_PROBES: list[tuple[str, str, str]] = [
     ("RNG capture", "ckptguard.states", "capture_rng_state"),
     ("rank file: RNG, scheduler, extras (torch.save + fsync)", "ckptguard.manager",
      "CheckpointManager._write_rank_file"),
-    ("checksums + done record", "ckptguard.manager", "CheckpointManager._write_done_record"),
+    ("fsync + crc32 of each DCP file, overlapped (inside DCP's write)", "ckptguard._writer",
+     "_Sealer.seal"),
+    ("  of which fsync", "ckptguard._writer", "_fsync_file"),
+    ("  of which crc32 (in a parallel thread)", "ckptguard._writer", "crc32_file"),
+    ("done record (fsync + hash of files DCP did not write)", "ckptguard.manager",
+     "CheckpointManager._write_done_record"),
     ("second-pass file hashing (hash_files)", "ckptguard.manager", "hash_files"),
-    ("manifest + commit + prune (rank 0)", "ckptguard.manager", "CheckpointManager._commit"),
+    ("manifest + commit (rank 0)", "ckptguard.manager", "CheckpointManager._commit"),
     ("guard checks before save (+ trace fsync)", "ckptguard.guard.resume_guard",
      "ResumeGuard.before_save"),
     ("guard bookkeeping after save", "ckptguard.guard.resume_guard", "ResumeGuard.after_save"),
@@ -339,7 +344,12 @@ def method_dcp_async(ctx: Context, rep: int) -> dict[str, Any]:
 
 
 class _Managers:
-    """One CheckpointManager per mode for the whole run (each builds process groups)."""
+    """One CheckpointManager per mode for the whole run (each builds process groups).
+
+    Retention is off (``keep_last=None``) so that a timed save does the same work as the other
+    rows (write one checkpoint); the previous checkpoint is deleted after the timing with the
+    very function retention uses, and that deletion is timed and reported on its own.
+    """
 
     def __init__(self) -> None:
         self._by_key: dict[str, CheckpointManager] = {}
@@ -348,10 +358,23 @@ class _Managers:
         if key not in self._by_key:
             root = ctx.workdir / f"ckptguard-{key}"
             self._by_key[key] = CheckpointManager(
-                root, model=ctx.state.model, optimizer=ctx.state.optimizer, keep_last=1,
+                root, model=ctx.state.model, optimizer=ctx.state.optimizer, keep_last=None,
                 thread_count=ctx.thread_count,
             )
         return self._by_key[key]
+
+    def delete_older(self, mgr: CheckpointManager, keep: int) -> float | None:
+        """Delete every checkpoint but ``keep`` as retention would; seconds on rank 0."""
+        _barrier()
+        seconds = None
+        if _rank() == 0:
+            t0 = time.perf_counter()
+            for step in mgr.steps():
+                if step != keep:
+                    mgr.layout.delete(step)
+            seconds = time.perf_counter() - t0
+        _barrier()
+        return seconds
 
     def close(self) -> None:
         for mgr in self._by_key.values():
@@ -380,6 +403,8 @@ def method_ckptguard(ctx: Context, rep: int) -> dict[str, Any]:
     out = {"save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
            "load_mem": load_mem, "cache_drop": cache, "rehash_s": rehash_s,
            "save_extras": save_extras, "load_extras": load_extras}
+    if rep > 0:
+        out["retention_s"] = MANAGERS.delete_older(mgr, keep=step)
     record = getattr(mgr, "record", None)
     if callable(record):
         batch = torch.randint(0, 50_000, _TRACE_BATCH, generator=torch.Generator().manual_seed(rep))
@@ -413,6 +438,7 @@ def method_ckptguard_async(ctx: Context, rep: int) -> dict[str, Any]:
 
     with ctx.probes.collect() as extras:
         _, mem, (stall_s, staged_s, complete_s) = _timed(both)
+    MANAGERS.delete_older(mgr, keep=step)
     out = {"stall_s": stall_s, "complete_s": complete_s, "save_mem": mem, "save_extras": extras}
     if staged_s is not None:
         out["staged_s"] = staged_s
