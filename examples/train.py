@@ -59,6 +59,7 @@ while step < args.steps:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        mgr.record(step, loss=loss, batch=(x, y))  # run trace: `ckptguard audit` explains a resume
         if rank == 0 and step % 10 == 0:
             print(f"step {step:4d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
         if step % args.save_every == 0:

@@ -155,7 +155,7 @@ def train(ctx: ResumeContext) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            ctx.record(step, loss)
+            mgr.record(step, loss=loss, batch=(x, y))  # run trace: names a divergence's cause
             if ctx.should_stop(step):
                 mgr.save(step)
                 mgr.close()
