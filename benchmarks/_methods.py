@@ -100,11 +100,11 @@ class TrainingState:
     total_bytes: int  # all ranks together
 
 
-def build_state(total_gib: float, world_size: int) -> TrainingState:
+def build_state(total_gib: float, world_size: int, device: str = "cpu") -> TrainingState:
     """Model + AdamW state of ``total_gib`` GiB in all (params, exp_avg and exp_avg_sq: 3x params).
 
-    With 2+ ranks the model is built on the meta device and sharded with FSDP2 over a gloo CPU
-    mesh before any memory is touched, so each rank holds only its share.
+    With 2+ ranks the model is built on the meta device and sharded with FSDP2 over a mesh of
+    ``device`` (gloo on CPU) before any memory is touched, so each rank holds only its share.
     """
     param_bytes = int(total_gib * GiB) // 3
     if world_size > 1:
@@ -113,13 +113,14 @@ def build_state(total_gib: float, world_size: int) -> TrainingState:
 
         with torch.device("meta"):
             model = Blocks(param_bytes)
-        mesh = init_device_mesh("cpu", (world_size,))
+        mesh = init_device_mesh(device, (world_size,))
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        model.to_empty(device="cpu")
+        model.to_empty(device=_device(device))
     else:
-        model = Blocks(param_bytes)
+        with torch.device(_device(device)):
+            model = Blocks(param_bytes)
     g = torch.Generator().manual_seed(dist.get_rank() if dist.is_initialized() else 0)
     with torch.no_grad():
         for p in model.parameters():
@@ -139,6 +140,12 @@ def build_state(total_gib: float, world_size: int) -> TrainingState:
         dist.all_reduce(box)
         total = int(box.item())
     return TrainingState(model, optimizer, local, total)
+
+
+def _device(device: str) -> torch.device:
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -178,6 +185,8 @@ def _timed(fn: Any) -> tuple[float, int, Any]:
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     return seconds, mem.extra_bytes, result
 

@@ -139,6 +139,7 @@ def config_markdown(cfg: dict[str, Any]) -> str:
     lines = [
         f"### {cfg['size_gib']:g} GiB state ({nbytes / 2**30:.3f} GiB of tensors), "
         f"{cfg['nproc']} rank{'s' if cfg['nproc'] > 1 else ''} ({cfg['parallelism']}), "
+        f"tensors on {cfg.get('device', 'cpu')}, "
         f"DCP thread_count={cfg['thread_count']}, {cfg['repeats']} repeats",
         "",
         "Times are min / median seconds of the slowest rank; GB/s and ratios use medians; "

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of: disk, torch.save, dcp, dcp.async_save, "
                         "ckptguard, ckptguard async [all]")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the model and optimizer state live; cuda: one GPU per rank, "
+                        "async saves stage into pinned host memory [cpu]")
     p.add_argument("--threads", type=int, default=None,
                    help="DCP writer threads for ckptguard and raw DCP [ckptguard's default]")
     p.add_argument("--cache-drop", choices=["fadvise", "global", "none"], default="fadvise",
@@ -68,8 +71,12 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo")
     import _methods
     from _measure import Probes
 
@@ -86,7 +93,7 @@ def worker(args: argparse.Namespace) -> None:
     configs = []
     try:
         for size in _sizes(args):
-            state = _methods.build_state(size, world)
+            state = _methods.build_state(size, world, args.device)
             workdir = Path(args.workdir) / f"size{size:g}-np{world}"
             ctx = _methods.Context(state, workdir, threads, args.cache_drop, probes)
             repeats: list[dict[str, Any]] = []
@@ -103,7 +110,9 @@ def worker(args: argparse.Namespace) -> None:
                 configs.append({
                     "size_gib": size, "nproc": world, "total_bytes": state.total_bytes,
                     "thread_count": threads, "repeats": args.repeats, "methods": methods,
-                    "parallelism": "FSDP2 fully_shard, gloo CPU mesh" if world > 1 else "single process",
+                    "device": args.device,
+                    "parallelism": (f"FSDP2 fully_shard, {args.device} mesh" if world > 1
+                                    else "single process"),
                     "per_rank": gathered, "probes_present": probes.present,
                 })
             del ctx, state
@@ -148,6 +157,7 @@ def run_config(args: argparse.Namespace, nproc: int, workdir: Path, raw_file: Pa
     script = str(Path(__file__).resolve())
     passthrough = ["--worker", "--sizes", ",".join(f"{s:g}" for s in _sizes(args)),
                    "--repeats", str(args.repeats), "--cache-drop", args.cache_drop,
+                   "--device", args.device,
                    "--workdir", str(workdir), "--result-file", str(raw_file)]
     if args.methods:
         passthrough += ["--methods", args.methods]

@@ -170,3 +170,43 @@ def test_buffers_are_reused_across_saves_and_close_removes_the_hook(tmp_path):
     loaded_model, loaded_opt = _load_fresh(tmp_path, 2)
     assert_tensors_equal(saved_model, dict(loaded_model.state_dict()), "model")
     assert_tensors_equal(saved_opt, optimizer_tensors(loaded_opt), "optimizer")
+
+
+def _cuda_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 33, (8, 4), generator=g).cuda()
+        model(x).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_state_is_staged_into_pinned_memory_and_saved_exactly(tmp_path, gate):
+    torch.manual_seed(0)
+    model = TinyLM(dim=64, hidden=256, dropout=0.0).cuda()
+    optimizer = build_optimizer(model)
+    _cuda_steps(model, optimizer, 2, seed=0)
+    saved_model, saved_opt = (
+        {k: v.cpu() for k, v in d.items()} for d in _snapshot(model, optimizer)
+    )
+    with CheckpointManager(tmp_path, model=model, optimizer=optimizer) as mgr:
+        mgr.save(2, blocking=False)
+        assert not mgr._stager._future.done()  # the device-to-host copy runs in the background
+        timer = _open_later(gate)
+        _cuda_steps(model, optimizer, 2, seed=1)  # step() waits for the copy
+        mgr.wait()
+        timer.join()
+        big = mgr._stager._buffers["/model/hidden.weight"]
+        assert big.device.type == "cpu" and big.is_pinned()
+
+    torch.manual_seed(1)
+    fresh = TinyLM(dim=64, hidden=256, dropout=0.0).cuda()
+    fresh_opt = build_optimizer(fresh)
+    with CheckpointManager(tmp_path, model=fresh, optimizer=fresh_opt) as mgr:
+        mgr.load(2)
+    assert_tensors_equal(saved_model, {k: v.cpu() for k, v in fresh.state_dict().items()}, "model")
+    assert_tensors_equal(
+        saved_opt, {k: v.cpu() for k, v in optimizer_tensors(fresh_opt).items()}, "optimizer"
+    )
