@@ -205,8 +205,13 @@ class CheckpointManager:
     ) -> Path:
         """Write a checkpoint of the current state as ``step``; returns its final path.
 
-        With ``blocking=False`` the call returns once the state is snapshotted; ``wait()`` (or the
-        next ``save``/``load``/``close``) finishes it. At most one save is in flight.
+        With ``blocking=False`` the call returns almost at once; ``wait()`` (or the next
+        ``save``/``load``/``close``) finishes it. At most one save is in flight. The parameters and
+        optimizer state are copied in the background and the next ``optimizer.step()`` waits for
+        that copy; until then do not write them in place by other means (an EMA or a clamp into
+        the live weights): such a write is detected and fails the save with ``CommitError``
+        rather than commit a mix of two steps. Async saves keep one host copy of the model and
+        optimizer state between saves (pinned on CUDA), freed by ``close()``.
         ``micro_step``: micro-batches accumulated since the last optimizer step; a save with
         ``micro_step > 0`` is refused (``ResumeError``) unless ``allow_mid_accumulation``.
         """
