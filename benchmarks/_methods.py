@@ -412,7 +412,7 @@ def method_ckptguard(ctx: Context, rep: int) -> dict[str, Any]:
     out = {"save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
            "load_mem": load_mem, "cache_drop": cache, "rehash_s": rehash_s,
            "save_extras": save_extras, "load_extras": load_extras}
-    if rep > 0:
+    if len(mgr.steps()) > 1:  # the previous repeat's (or the warm-up's) checkpoint
         out["retention_s"] = MANAGERS.delete_older(mgr, keep=step)
     record = getattr(mgr, "record", None)
     if callable(record):

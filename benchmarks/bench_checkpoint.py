@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="add 4 GiB to --sizes")
     p.add_argument("--nproc", default="1,2", help="comma-separated rank counts [1,2]")
     p.add_argument("--repeats", type=int, default=3, help="repeats per method [3]")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed rounds of every method first (first-call costs) [1]")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of: disk, torch.save, dcp, dcp.async_save, "
                         "ckptguard, ckptguard async [all]")
@@ -96,6 +98,9 @@ def worker(args: argparse.Namespace) -> None:
             state = _methods.build_state(size, world, args.device)
             workdir = Path(args.workdir) / f"size{size:g}-np{world}"
             ctx = _methods.Context(state, workdir, threads, args.cache_drop, probes)
+            for rep in range(-args.warmup, 0):  # results thrown away
+                for name in methods:
+                    _methods.METHODS[name](ctx, rep)
             repeats: list[dict[str, Any]] = []
             for rep in range(args.repeats):
                 row = {}
@@ -156,7 +161,8 @@ def _check_disk(workdir: Path, sizes: list[float]) -> None:
 def run_config(args: argparse.Namespace, nproc: int, workdir: Path, raw_file: Path) -> list[dict]:
     script = str(Path(__file__).resolve())
     passthrough = ["--worker", "--sizes", ",".join(f"{s:g}" for s in _sizes(args)),
-                   "--repeats", str(args.repeats), "--cache-drop", args.cache_drop,
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                   "--cache-drop", args.cache_drop,
                    "--device", args.device,
                    "--workdir", str(workdir), "--result-file", str(raw_file)]
     if args.methods:
