@@ -42,6 +42,12 @@ _ROWS_PER_LAYER = 4096  # 64 MiB of float32 per layer at most
 # A row whose target does not exist in this ckptguard version shows as absent; add a line here
 # when a new extra lands (e.g. guard checks, run trace).
 EXTRA_PROBES: list[tuple[str, str, str]] = [
+    ("(not an extra) dcp.save: plan, write, fsync, metadata", "torch.distributed.checkpoint",
+     "save"),
+    ("(not an extra) state dicts: get_model/optimizer_state_dict", "ckptguard.states",
+     "ModelOptimizerState.state_dict"),
+    ("prepare .partial dir + recover leftovers (rank 0)", "ckptguard.manager",
+     "CheckpointManager._prepare_partial"),
     ("RNG capture", "ckptguard.states", "capture_rng_state"),
     ("rank file: RNG, scheduler, extras (torch.save + fsync)", "ckptguard.manager",
      "CheckpointManager._write_rank_file"),
