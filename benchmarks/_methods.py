@@ -415,7 +415,14 @@ def method_ckptguard(ctx: Context, rep: int) -> dict[str, Any]:
     with ctx.probes.collect() as load_extras:
         cold_s, load_mem, _ = _timed(lambda: mgr.load(step))
     warm_s, _, _ = _timed(lambda: mgr.load(step))
-    out = {"save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
+    # what the checksum verification costs at load: the same cold load without it
+    _cold(ctx, path)
+    mgr.verify_on_load = False
+    try:
+        noverify_s, _, _ = _timed(lambda: mgr.load(step))
+    finally:
+        mgr.verify_on_load = True
+    out = {"load_cold_noverify_s": noverify_s, "save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
            "load_mem": load_mem, "cache_drop": cache, "rehash_s": rehash_s,
            "save_extras": save_extras, "load_extras": load_extras}
     if len(mgr.steps()) > 1:  # the previous repeat's (or the warm-up's) checkpoint

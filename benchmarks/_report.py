@@ -18,7 +18,7 @@ TARGETS = {
 }
 
 _TIME_KEYS = ("save_s", "load_cold_s", "load_warm_s", "stall_s", "staged_s", "complete_s",
-              "rehash_s", "trace_record_s", "retention_s")
+              "rehash_s", "trace_record_s", "retention_s", "load_cold_noverify_s")
 _MEM_KEYS = ("save_mem", "load_mem", "held_mem")
 
 
@@ -237,17 +237,26 @@ def _extras_markdown(cfg: dict[str, Any]) -> list[str]:
         if not ok:
             lines.append(f"| {label} | not in this version | — |")
             continue
-        for key, ref in (("save_extras", save_med), ("load_extras", load_med)):
-            m = cg.get(key, {}).get(label)
-            if m and m["median"] > 0:
-                pct = "—" if not ref else f"{100 * m['median'] / ref:.1f}%"
-                lines.append(f"| {label} | {m['median']:.4f} | {pct} |")
+        shown = [(key, ref, cg.get(key, {}).get(label))
+                 for key, ref in (("save_extras", save_med), ("load_extras", load_med))]
+        shown = [(key, ref, m) for key, ref, m in shown if m and m["median"] > 0]
+        for key, ref, m in shown:
+            pct = "—" if not ref else f"{100 * m['median'] / ref:.1f}%"
+            where = "" if len(shown) == 1 else (" — in the save" if key == "save_extras" else " — in the load")
+            lines.append(f"| {label}{where} | {m['median']:.4f} | {pct} |")
     retention = cg.get("retention_s")
     if retention:
         pct = "—" if not save_med else f"{100 * retention['median'] / save_med:.1f}%"
         lines.append(f"| retention (`keep_last`): deleting the previous checkpoint, which `save()` "
                      f"does after the commit (not in the save times above) | "
                      f"{retention['median']:.4f} | {pct} |")
+    noverify = cg.get("load_cold_noverify_s")
+    if noverify:
+        pct = "—" if not load_med else f"{100 * noverify['median'] / load_med:.1f}%"
+        dcp_cold = _med(s, "dcp", "load_cold_s")
+        vs = "" if not dcp_cold else f", {dcp_cold / noverify['median']:.2f}x raw DCP"
+        lines.append(f"| (for information) the same cold load with `verify_on_load=False`{vs} | "
+                     f"{noverify['median']:.4f} | {pct} |")
     trace = cg.get("trace_record_s")
     if trace:
         lines.append(f"| run trace: `record(step, loss, batch)` of an 8x2048 int64 batch, per "

@@ -20,6 +20,22 @@ _CHUNK = 8 << 20
 _MIN_SEGMENT = 32 << 20  # below this per thread, one pass is as fast
 
 
+def crc_threads() -> int:
+    """Threads for one file's checksum: this machine's cores shared among the ranks that
+    torchrun started on it (``LOCAL_WORLD_SIZE``), at most 4. More threads than cores only
+    adds contention: on 2 cores, 4 threads hash slower than 2."""
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, min(4, (os.cpu_count() or 1) // local_ranks))
+
+
+def is_large(nbytes: int) -> bool:
+    """Whether a file of ``nbytes`` is hashed in parallel segments."""
+    return nbytes >= 2 * _MIN_SEGMENT
+
+
 def _multmodp(a: int, b: int) -> int:
     """a * b modulo the CRC polynomial (reflected bit order, as in zlib 1.2.12+)."""
     m = 1 << 31

@@ -15,18 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptguard._crc import crc32_fd
+from ckptguard._crc import crc32_fd, crc_threads, is_large
 
 HASH_ALGORITHM = "crc32"
-_CRC_THREADS = min(4, os.cpu_count() or 1)
 
 
-def crc32_file(path: str | os.PathLike, threads: int = _CRC_THREADS) -> tuple[int, str]:
+def crc32_file(path: str | os.PathLike, threads: int | None = None) -> tuple[int, str]:
     """(size in bytes, crc32 as 8 hex digits) of a file. A large file is cut into segments
-    hashed on up to ``threads`` threads and combined (``ckptguard._crc``): same value, less time."""
+    hashed on up to ``threads`` threads (default: this rank's share of the cores) and combined
+    (``ckptguard._crc``): the same value as one pass, in less time."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        nbytes, crc = crc32_fd(fd, threads)
+        nbytes, crc = crc32_fd(fd, threads if threads is not None else crc_threads())
     finally:
         os.close(fd)
     return nbytes, f"{crc & 0xFFFFFFFF:08x}"
@@ -40,10 +40,18 @@ def hash_files(directory: str | os.PathLike, names: list[str], threads: int = 4)
         nbytes, crc = crc32_file(directory / name)
         return name, {"nbytes": nbytes, HASH_ALGORITHM: crc}
 
-    if len(names) <= 1:
+    # a large file is hashed on several threads already: one at a time, not the cores twice over
+    if len(names) <= 1 or any(is_large(_size(directory / n)) for n in names):
         return dict(one(n) for n in names)
     with ThreadPoolExecutor(max_workers=min(threads, len(names))) as pool:
         return dict(pool.map(one, names))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # reported by whoever opens it
 
 
 @dataclass
