@@ -11,7 +11,6 @@ harness's own fail-on-bug tests. They live here, importable as
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -29,6 +28,7 @@ from ckptguard.demo import (
     run_demo,
     warmup_cosine,
 )
+from ckptguard.guard.trace import trace_losses
 from ckptguard.manager import CheckpointManager
 from ckptguard.testing import ResumeContext, ResumeReport, run_resume_check
 
@@ -45,14 +45,13 @@ def _importable_from_legs(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT) + (os.pathsep + path if path else ""))
 
 
-def _losses(leg_dir: Path) -> dict[int, list[float]]:
-    """{rank: losses in step order} of one leg."""
-    out = {}
-    for p in sorted(leg_dir.glob("losses-rank*.jsonl")):
-        recs = [json.loads(line) for line in p.read_text().splitlines()]
-        out[int(p.stem.removeprefix("losses-rank"))] = [
-            float.fromhex(r["loss"]) for r in sorted(recs, key=lambda r: r["step"])
-        ]
+def _losses(ckpt_root: Path, nproc: int) -> dict[int, list[float]]:
+    """{rank: losses in step order} from a run's trace (the demo records with ``mgr.record``)."""
+    out = {
+        rank: [float.fromhex(steps[s]) for s in sorted(steps)]
+        for rank, steps in trace_losses(ckpt_root).items()
+    }
+    assert sorted(out) == list(range(nproc)), f"no trace for some rank under {ckpt_root}: {sorted(out)}"
     return out
 
 
@@ -68,7 +67,7 @@ def _assert_exact(report: ResumeReport, workdir: Path, nproc: int) -> None:
     assert comps["losses"].detail == f"{TOTAL_STEPS * nproc} losses identical"
     assert report.first_divergent_step is None
     # the task is learnable: a resume bug cannot hide behind a flat, noisy loss
-    for rank, losses in _losses(workdir / "uninterrupted").items():
+    for rank, losses in _losses(workdir / "ckpt-a", nproc).items():
         assert len(losses) == TOTAL_STEPS
         assert losses[0] > 3.0, f"rank {rank} starts near ln(33): {losses[:3]}"
         first, last = np.mean(losses[:4]), np.mean(losses[-4:])
@@ -93,7 +92,7 @@ def test_demo_resumes_exactly_on_two_processes_fsdp2(tmp_path):
     _assert_exact(report, tmp_path, nproc=2)
     # FSDP2 ranks see different data: had rank 0's state been restored everywhere, or the
     # ranks' loaders been identical, these would coincide
-    losses = _losses(tmp_path / "uninterrupted")
+    losses = _losses(tmp_path / "ckpt-a", 2)
     assert losses[0] != losses[1]
 
 
