@@ -216,8 +216,17 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "crc32": _crc32_backend(),
         "loadavg_start": list(os.getloadavg()),
     }
+
+
+def _crc32_backend() -> str:
+    try:
+        from ckptguard._crc import BACKEND
+    except ImportError:
+        return "zlib"
+    return BACKEND
 
 
 def _disk_info(path: Path) -> dict[str, Any]:

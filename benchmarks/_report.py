@@ -281,7 +281,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"- Disk: {disk.get('device')} ({disk.get('fs')}, rotational={disk.get('rotational')}) "
         f"mounted at {disk.get('mount')}; workdir {results['workdir']}",
         f"- torch {mi.get('torch')}, Python {mi.get('python')}, kernel {mi.get('kernel')}, "
-        f"CUDA device: {mi.get('cuda') or 'none'}",
+        f"CUDA device: {mi.get('cuda') or 'none'}, ckptguard's crc32: {mi.get('crc32', 'zlib')}",
         f"- load average at start {mi.get('loadavg_start')}, at end {results.get('loadavg_end')}",
         f"- page cache before cold loads dropped by: {results.get('cache_drop', '?')}",
         "",

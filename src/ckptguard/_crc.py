@@ -7,6 +7,10 @@ expose; it is implemented here in a few multiplications modulo the CRC polynomia
 cut into segments, each thread reads (``os.pread``, no shared file offset) and hashes its own,
 and the results are combined in order: the same value as one pass, in a fraction of the time.
 Reads and hashing both release the GIL, so one thread's read overlaps another's hashing.
+
+With python-isal installed (``pip install isal``), Intel ISA-L's CRC-32 is used instead of
+zlib's: the same polynomial and values (checkpoints stay interchangeable), computed with
+carry-less multiplication at ~15 GB/s instead of ~2-4 GB/s per core.
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ from __future__ import annotations
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+
+try:
+    from isal.isal_zlib import crc32 as _fast_crc32
+except ImportError:  # optional: zlib's is correct, only slower
+    _fast_crc32 = None
+
+#: the CRC-32 function in use (``zlib.crc32``-compatible) and its name, for reports
+crc32 = _fast_crc32 if _fast_crc32 is not None else zlib.crc32
+BACKEND = "isal" if _fast_crc32 is not None else "zlib"
 
 _POLY = 0xEDB88320  # CRC-32 (reflected)
 _CHUNK = 8 << 20
@@ -90,7 +103,7 @@ def _crc_range(fd: int, start: int, length: int) -> tuple[int, int]:
         n = os.preadv(fd, [view[:want]], start + done)
         if n <= 0:
             break
-        crc = zlib.crc32(view[:n], crc)
+        crc = crc32(view[:n], crc)
         done += n
     return crc, done
 

@@ -22,8 +22,21 @@ def test_combine_equals_one_pass():
         assert _crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
+def _backends() -> list:
+    out = [pytest.param(zlib.crc32, id="zlib")]
+    try:
+        from isal.isal_zlib import crc32 as isal_crc32
+    except ImportError:
+        out.append(pytest.param(None, id="isal", marks=pytest.mark.skip(reason="isal not installed")))
+    else:
+        out.append(pytest.param(isal_crc32, id="isal"))
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("threads", [1, 2, 3, 4, 8])
-def test_parallel_file_crc_equals_zlib(tmp_path, monkeypatch, threads):
+def test_parallel_file_crc_equals_zlib(tmp_path, monkeypatch, threads, backend):
+    monkeypatch.setattr(_crc, "crc32", backend)
     monkeypatch.setattr(_crc, "_MIN_SEGMENT", 4096)  # many segments on a small file
     monkeypatch.setattr(_crc, "_CHUNK", 1000)  # several reads per segment, odd sizes
     data = random.Random(threads).randbytes(123_457)
