@@ -15,9 +15,11 @@ from ckptguard.errors import (
 )
 from ckptguard.guard.findings import Finding, GuardReport
 from ckptguard.manager import CheckpointManager
+from ckptguard.rng import WorkerRNGState
 
 __all__ = [
     "CheckpointManager",
+    "WorkerRNGState",
     "GuardReport",
     "Finding",
     "CheckpointError",
