@@ -31,10 +31,14 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ckptguard._faults import fault_point
+from ckptguard._version import FORMAT_VERSION, __version__
 from ckptguard.errors import CheckpointExistsError, CheckpointLockedError
 
 logger = logging.getLogger(__name__)
@@ -79,6 +83,28 @@ def write_bytes_durably(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_durably(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_durably(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def manifest_header(
+    *, step: int, world_size: int, save_mode: str, components: list[str], info: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest's metadata fields; ``files`` and ``committed_unix`` are added at commit.
+
+    One builder for every writer of checkpoints (the manager, ``migrate``), so the fields a
+    reader relies on cannot drift apart.
+    """
+    return {
+        "format": "ckptguard",
+        "format_version": FORMAT_VERSION,
+        "ckptguard_version": __version__,
+        "torch_version": torch.__version__,
+        "step": step,
+        "world_size": world_size,
+        "created_unix": time.time(),
+        "save_mode": save_mode,
+        "components": components,
+        "info": info,
+    }
 
 
 def read_manifest(step_dir: str | os.PathLike) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from ckptguard.layout import (
     MANIFEST_NAME,
     CheckpointLayout,
     RootLock,
+    manifest_header,
     rank_filename,
     read_manifest,
     write_bytes_durably,
@@ -426,24 +427,19 @@ class CheckpointManager:
 
     def _manifest_header(self, step: int, mode: str) -> dict[str, Any]:
         opt = self.optimizer
-        return {
-            "format": "ckptguard",
-            "format_version": FORMAT_VERSION,
-            "ckptguard_version": __version__,
-            "torch_version": torch.__version__,
-            "step": step,
-            "world_size": self.world_size,
-            "created_unix": time.time(),
-            "save_mode": mode,
-            "components": [MODEL] + ([OPTIMIZER] if opt is not None else []) + list(self._rank_states),
-            "info": {
+        return manifest_header(
+            step=step,
+            world_size=self.world_size,
+            save_mode=mode,
+            components=[MODEL] + ([OPTIMIZER] if opt is not None else []) + list(self._rank_states),
+            info={
                 "model_training": self.model.training,
                 "optimizer_class": type(opt).__name__ if opt is not None else None,
                 "param_groups": _hyperparameters(opt) if opt is not None else [],
                 "device_type": _device_type(self.model),
                 "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             },
-        }
+        )
 
     # ------------------------------------------------------------------ load
 

@@ -32,10 +32,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from ckptguard._version import FORMAT_VERSION, __version__
 from ckptguard.errors import CheckpointExistsError, CheckpointFormatError, StateMismatchError
 from ckptguard.integrity import hash_files
-from ckptguard.layout import CheckpointLayout, RootLock, rank_filename
+from ckptguard.layout import CheckpointLayout, RootLock, manifest_header, rank_filename
 from ckptguard.states import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, RNG
 from ckptguard.tools.legacy import LegacyState, read_legacy
 
@@ -361,25 +360,21 @@ def _header(step: int, legacy: LegacyState, optimizer: Any, groups: list[dict], 
          if k not in ("params", "param_names") and isinstance(v, (int, float, bool, str, type(None), tuple, list))}
         for g in groups
     ]
-    return {
-        "format": "ckptguard",
-        "format_version": FORMAT_VERSION,
-        "ckptguard_version": __version__,
-        "torch_version": torch.__version__,
-        "step": step,
-        "world_size": 1,
-        "created_unix": time.time(),
-        "save_mode": "migrate",
-        "components": components,
-        "info": {
+    header = manifest_header(
+        step=step,
+        world_size=1,
+        save_mode="migrate",
+        components=components,
+        info={
             "model_training": None,
             "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
             "param_groups": hyper,
             "device_type": None,  # unknown: the old trainer's device is not recorded
             "deterministic_algorithms": None,
         },
-        "migrated_from": {"path": str(legacy.source.resolve()), "format": legacy.kind, "keys": legacy.keys},
-    }
+    )
+    header["migrated_from"] = {"path": str(legacy.source.resolve()), "format": legacy.kind, "keys": legacy.keys}
+    return header
 
 
 def migrate(
