@@ -6,9 +6,15 @@ single-process case a world of size one instead of a branch in every caller.
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
+
+from ckptguard.errors import CheckpointError, CommitError
 
 
 def is_distributed() -> bool:
@@ -55,3 +61,90 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+# ---------------------------------------------------------------- ranks agreeing on failures
+
+
+def describe_error(e: BaseException) -> str:
+    """One line per cause; DCP's CheckpointException otherwise prints whole tracebacks."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(
+            f"{type(exc).__name__}: {exc} (DCP, rank {rank})" for rank, (exc, _) in e.failures.items()
+        )
+    return f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
+
+
+def free_space_hint(path: str | os.PathLike) -> str:
+    """A hint for write errors whose own text hides a full disk (torch's zip writer reports a
+    short write as "unexpected pos")."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    return f" ({st.f_bavail * st.f_frsize / 2**30:.2f} GiB free on the file system of {path})"
+
+
+def on_rank0_then_all(fn: Callable[[], Any], group: dist.ProcessGroup | None, error: type) -> Any:
+    """Run ``fn`` on rank 0 and hand its result, or its error (as ``error``, or the
+    CheckpointError subclass it raised), to every rank. One process: ``fn``'s errors propagate."""
+    result = error_text = None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except CheckpointError as e:
+            if not is_distributed():
+                raise
+            error_text, error = str(e), type(e)
+        except Exception as e:
+            if not is_distributed():
+                raise
+            error_text = f"{type(e).__name__}: {e}"
+    result, error_text, error = broadcast_object((result, error_text, error), group)
+    if error_text is not None:
+        raise error(error_text)
+    return result
+
+
+def on_every_rank(
+    fn: Callable[[], Any], group: dist.ProcessGroup | None, what: str, error: type, root: str | os.PathLike
+) -> Any:
+    """Run ``fn`` on every rank; if it fails on any rank, raise ``error`` on every rank.
+
+    A rank that fails alone (a full disk) must not leave the others waiting in the next
+    collective, nor let them go on with a state their peer could not write or restore. The
+    message names each failing rank and its cause; an ``OSError`` carries no file name, so
+    ``what`` names the path being written or read.
+    """
+    result = failure = None
+    try:
+        result = fn()
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        if not is_distributed() and isinstance(e, CheckpointError):
+            raise
+        failure = (type(e) if isinstance(e, CheckpointError) else None, describe_error(e))
+    failures = {rank: f for rank, f in enumerate(all_gather_object(failure, group)) if f}
+    if not failures:
+        return result
+    kinds = {kind for kind, _ in failures.values()}
+    if len(kinds) == 1 and None not in kinds:
+        error = kinds.pop()
+    causes = "; ".join(
+        (f"rank {rank}: " if get_world_size() > 1 else "") + text for rank, (_, text) in failures.items()
+    )
+    if error is CommitError:
+        raise CommitError(
+            f"{what} failed: {causes}{free_space_hint(root)}. The checkpoint was not committed "
+            "and the previous ones are untouched; fix the cause (e.g. free disk space) and "
+            "save again."
+        )
+    raise error(f"{what} failed: {causes}")
+
+
+class quiet_no_dist(warnings.catch_warnings):
+    """DCP warns on every single-process call; we pass ``no_dist`` on purpose."""
+
+    def __enter__(self) -> Any:
+        out = super().__enter__()
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return out

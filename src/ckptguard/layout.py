@@ -39,7 +39,7 @@ import torch
 
 from ckptguard._faults import fault_point
 from ckptguard._version import FORMAT_VERSION, __version__
-from ckptguard.errors import CheckpointExistsError, CheckpointLockedError
+from ckptguard.errors import CheckpointExistsError, CheckpointFormatError, CheckpointLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,33 @@ def manifest_header(
 def read_manifest(step_dir: str | os.PathLike) -> dict[str, Any]:
     with open(Path(step_dir) / MANIFEST_NAME, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_checked_manifest(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; refused, naming the file, if it is unreadable,
+    lacks the fields a load needs, or has a format newer than this ckptguard reads."""
+    path = Path(step_dir) / MANIFEST_NAME
+    try:
+        manifest = read_manifest(step_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointFormatError(
+            f"cannot read the manifest {path}: {type(e).__name__}: {e}. It is written last "
+            "and atomically, so the file was damaged after the save."
+        ) from e
+    problems = [
+        f"'{key}' is missing or not {kind.__name__}"
+        for key, kind in (("files", dict), ("world_size", int), ("format_version", int))
+        if not isinstance(manifest.get(key) if isinstance(manifest, dict) else None, kind)
+    ]
+    if problems:
+        raise CheckpointFormatError(f"the manifest {path} is damaged: {'; '.join(problems)}")
+    version = manifest["format_version"]
+    if version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{step_dir} has format_version={version!r}; this ckptguard ({__version__}) reads "
+            f"format versions up to {FORMAT_VERSION}. Upgrade ckptguard to read it."
+        )
+    return manifest
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:

@@ -20,12 +20,10 @@ process group (see ``_dist.new_cpu_group``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +34,17 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ckptguard import _dist
+from ckptguard._dist import describe_error, free_space_hint, quiet_no_dist
 from ckptguard._faults import fault_point, instrument_writer
 from ckptguard._reader import DirectFileSystemReader
 from ckptguard._staging import BackgroundStager
-from ckptguard._version import FORMAT_VERSION, __version__
 from ckptguard._writer import HashingFileSystemWriter
+from ckptguard.commit import (
+    collect_done_records,
+    write_done_record,
+    write_failure_record,
+    write_rank_file,
+)
 from ckptguard.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -50,28 +54,26 @@ from ckptguard.errors import (
     StateMismatchError,
 )
 from ckptguard.guard.resume_guard import ResumeGuard
-from ckptguard.integrity import hash_files, verify_files
+from ckptguard.integrity import verify_files
 from ckptguard.layout import (
     MANIFEST_NAME,
     CheckpointLayout,
     RootLock,
     manifest_header,
-    rank_filename,
-    read_manifest,
-    write_bytes_durably,
+    read_checked_manifest,
 )
+from ckptguard.restore import is_read_failure, load_rank_file
 from ckptguard.states import (
-    DATALOADER,
     MODEL,
     OPTIMIZER,
     ModelOptimizerState,
     build_rank_states,
+    model_device_type,
+    optimizer_hyperparameters,
 )
 
 logger = logging.getLogger(__name__)
 
-_DONE_PREFIX = ".done-"
-_FAILED_PREFIX = ".failed-"
 
 
 @dataclass
@@ -227,11 +229,11 @@ class CheckpointManager:
 
         # A rank that fails alone (full disk) must not leave the others waiting in DCP's
         # collectives: every rank learns of the failure and raises the same CommitError.
-        def write_rank_file() -> None:
+        def write_own_rank_file() -> None:
             fault_point("partial_created")
-            self._write_rank_file(partial, step)
+            write_rank_file(partial, step, self.rank, self.world_size, self._rank_states)
 
-        self._on_every_rank(write_rank_file, f"writing {partial}")
+        self._on_every_rank(write_own_rank_file, f"writing {partial}")
         tensor_sd = self._tensor_state.state_dict()
         # fsyncs each file while hashing it (see _writer): the checksums cost almost nothing
         hashing_writer = HashingFileSystemWriter(
@@ -243,17 +245,17 @@ class CheckpointManager:
         if blocking:
 
             def write_tensors_and_record() -> None:
-                with _quiet_no_dist():
+                with quiet_no_dist():
                     dcp.save(tensor_sd, storage_writer=writer, **self._dcp_kwargs())
                 fault_point("dcp_done")
-                self._write_done_record(partial, hashing_writer)
+                write_done_record(partial, self.rank, hashing_writer)
 
             self._on_every_rank(write_tensors_and_record, f"writing {partial}")
             path = self._on_rank0_then_all(lambda: self._commit(step, manifest), error=CommitError)
             logger.info("saved %s in %.2fs", path, time.monotonic() - started)
             return path
 
-        with _quiet_no_dist():
+        with quiet_no_dist():
             dcp_future = dcp.async_save(
                 tensor_sd, storage_writer=writer, async_stager=self._async_stager(),
                 **self._dcp_kwargs(),
@@ -279,7 +281,7 @@ class CheckpointManager:
         except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - reported on every rank below
             # DCP's CheckpointException derives from BaseException: name it, or a failed write
             # skips the all_gather below on this rank and the other ranks hang in it.
-            error = (isinstance(e, CheckpointError), f"rank {self.rank}: {_describe(e)}")
+            error = (isinstance(e, CheckpointError), f"rank {self.rank}: {describe_error(e)}")
         errors = [e for e in _dist.all_gather_object(error, self._group) if e]
         if errors:
             partial = self.layout.partial_dir(pending.step)
@@ -287,7 +289,7 @@ class CheckpointManager:
                 f"async save of step {pending.step} to {partial} failed: "
                 + "; ".join(text for _, text in errors)
                 + ("" if all(ours for ours, _ in errors) else
-                   f"{_free_space(self.root)}. The checkpoint was not committed and the previous "
+                   f"{free_space_hint(self.root)}. The checkpoint was not committed and the previous "
                    "ones are untouched; fix the cause (e.g. free disk space) and save again.")
             )
         logger.info("async save of step %d complete after %.2fs", pending.step, time.monotonic() - pending.started)
@@ -302,10 +304,10 @@ class CheckpointManager:
         try:
             dcp_future.result()
             fault_point("dcp_done")
-            self._write_done_record(partial, writer)
+            write_done_record(partial, self.rank, writer)
         except BaseException as e:
             # Tell rank 0, which polls for done records, not to wait commit_timeout_s for ours.
-            self._write_failure_record(partial, e)
+            write_failure_record(partial, self.rank, e)
             raise
         if self.rank != 0:
             return None
@@ -330,77 +332,10 @@ class CheckpointManager:
                 "previous checkpoints are untouched."
             ) from e
 
-    def _write_rank_file(self, partial: Path, step: int) -> None:
-        payload = {
-            "step": step,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "states": {name: state.state_dict() for name, state in self._rank_states.items()},
-        }
-        import io
-
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        path = partial / rank_filename(self.rank)
-        with open(path, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        fault_point("rank_file_written")
-
-    def _own_files(self, partial: Path) -> list[str]:
-        names = [rank_filename(self.rank)]
-        prefix = f"__{self.rank}_"
-        names += sorted(n for n in os.listdir(partial) if n.startswith(prefix) and n.endswith(".distcp"))
-        if self.rank == 0:
-            names.append(".metadata")
-        return names
-
-    def _write_done_record(self, partial: Path, writer: HashingFileSystemWriter | None = None) -> None:
-        names = self._own_files(partial)
-        # the writer hashed its files while fsyncing them; it fsyncs and hashes any other now
-        entries = writer.entries_for(partial, names) if writer is not None else hash_files(partial, names)
-        record = json.dumps({"rank": self.rank, "files": entries}).encode()
-        write_bytes_durably(partial / f"{_DONE_PREFIX}{self.rank:05d}.json", record)
-        fault_point("done_record_written")
-
-    def _write_failure_record(self, partial: Path, error: BaseException) -> None:
-        record = json.dumps({"rank": self.rank, "error": _describe(error)}).encode()
-        try:
-            write_bytes_durably(partial / f"{_FAILED_PREFIX}{self.rank:05d}.json", record)
-        except OSError:  # a full disk may refuse this too; rank 0 then waits for the timeout
-            logger.debug("could not leave a failure record in %s", partial, exc_info=True)
-
-    def _collect_done_records(self, partial: Path) -> dict[str, dict]:
-        deadline = time.monotonic() + self.commit_timeout_s
-        wanted = [partial / f"{_DONE_PREFIX}{r:05d}.json" for r in range(self.world_size)]
-        while True:
-            missing = [p for p in wanted if not p.exists()]
-            if not missing:
-                break
-            failed = sorted(partial.glob(f"{_FAILED_PREFIX}*.json"))
-            if failed:
-                reasons = "; ".join(_read_failure_record(p) for p in failed)
-                raise CommitError(
-                    f"not committing {partial}: {reasons}. The previous checkpoints are untouched."
-                )
-            if time.monotonic() > deadline:
-                raise CommitError(
-                    f"ranks {[int(p.stem[len(_DONE_PREFIX):]) for p in missing]} did not finish writing "
-                    f"{partial} within commit_timeout_s={self.commit_timeout_s}; the checkpoint was "
-                    "not committed and the previous one is untouched."
-                )
-            time.sleep(0.005)
-        files: dict[str, dict] = {}
-        for p in wanted:
-            files.update(json.loads(p.read_text())["files"])
-            p.unlink()
-        return files
-
     def _commit(self, step: int, manifest: dict[str, Any]) -> Path:
         partial = self.layout.partial_dir(step)
         try:
-            manifest["files"] = self._collect_done_records(partial)
+            manifest["files"] = collect_done_records(partial, self.world_size, self.commit_timeout_s)
             manifest["committed_unix"] = time.time()
             fault_point("commit_start")
             path = self.layout.commit(step, manifest)
@@ -435,8 +370,8 @@ class CheckpointManager:
             info={
                 "model_training": self.model.training,
                 "optimizer_class": type(opt).__name__ if opt is not None else None,
-                "param_groups": _hyperparameters(opt) if opt is not None else [],
-                "device_type": _device_type(self.model),
+                "param_groups": optimizer_hyperparameters(opt) if opt is not None else [],
+                "device_type": model_device_type(self.model),
                 "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             },
         )
@@ -513,7 +448,7 @@ class CheckpointManager:
         return steps if fallback else steps[:1]
 
     def _load_step(self, step_dir: Path, strict: bool) -> None:
-        manifest = self._read_checked_manifest(step_dir)
+        manifest = read_checked_manifest(step_dir)
         if self.verify_on_load:
             self._verify(step_dir, manifest)
 
@@ -523,12 +458,12 @@ class CheckpointManager:
         except (OSError, EOFError, pickle.UnpicklingError) as e:  # it reads DCP's .metadata
             raise self._unreadable(step_dir, e) from e
         try:
-            with _quiet_no_dist():
+            with quiet_no_dist():
                 # reads each tensor straight into the live one (see _reader): the files were
                 # just read to verify them, so this is one copy from the page cache
                 dcp.load(template, storage_reader=DirectFileSystemReader(step_dir), **self._dcp_kwargs())
         except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
-            if _is_read_failure(e):
+            if is_read_failure(e):
                 raise self._unreadable(step_dir, e) from e
             raise StateMismatchError(
                 f"cannot load the model/optimizer of {step_dir} into the live objects: {e}"
@@ -537,14 +472,14 @@ class CheckpointManager:
         # Agreed across ranks: a rank file that fails on one rank only must not leave the
         # others waiting, nor let them go on with a state their peer could not restore.
         self._on_every_rank(
-            lambda: self._load_rank_file(step_dir, manifest), f"loading {step_dir}",
+            lambda: load_rank_file(step_dir, manifest, self.rank, self.world_size, self._rank_states), f"loading {step_dir}",
             error=StateMismatchError,
         )
         self.last_report = self.guard.after_load(report, template, manifest)
 
     def _unreadable(self, step_dir: Path, e: BaseException) -> CheckpointCorruptError:
         return CheckpointCorruptError(
-            f"cannot read the model/optimizer files of {step_dir}: {_describe(e)}. "
+            f"cannot read the model/optimizer files of {step_dir}: {describe_error(e)}. "
             + ("" if self.verify_on_load else "verify_on_load=False: the files were not "
                "checked against the manifest, which would name the damaged one. ")
             + "Load another step, or use load(fallback=True)."
@@ -566,32 +501,6 @@ class CheckpointManager:
             )
         return step
 
-    def _read_checked_manifest(self, step_dir: Path) -> dict[str, Any]:
-        path = step_dir / MANIFEST_NAME
-        try:
-            manifest = read_manifest(step_dir)
-        except (OSError, ValueError) as e:
-            raise CheckpointFormatError(
-                f"cannot read the manifest {path}: {type(e).__name__}: {e}. It is written last "
-                "and atomically, so the file was damaged after the save."
-            ) from e
-        problems = [
-            f"'{key}' is missing or not {kind.__name__}"
-            for key, kind in (("files", dict), ("world_size", int), ("format_version", int))
-            if not isinstance(manifest.get(key) if isinstance(manifest, dict) else None, kind)
-        ]
-        if problems:
-            raise CheckpointFormatError(
-                f"the manifest {path} is damaged: {'; '.join(problems)}"
-            )
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointFormatError(
-                f"{step_dir} has format_version={version!r}; this ckptguard ({__version__}) reads "
-                f"format versions up to {FORMAT_VERSION}. Upgrade ckptguard to load it."
-            )
-        return manifest
-
     def _verify(self, step_dir: Path, manifest: dict[str, Any]) -> None:
         names = sorted(manifest["files"])
         mine = names[self.rank :: self.world_size]
@@ -602,45 +511,6 @@ class CheckpointManager:
                 f"{step_dir} does not match its manifest; refusing to load it:\n  "
                 + "\n  ".join(problems)
             )
-
-    def _load_rank_file(self, step_dir: Path, manifest: dict[str, Any]) -> None:
-        saved_world = manifest["world_size"]
-        own = step_dir / rank_filename(self.rank)
-        same_rank = self.rank < saved_world
-        path = own if same_rank else step_dir / rank_filename(0)
-        try:
-            # weights_only: tensors and plain containers only, so a rank file can never run code.
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            states = payload["states"]
-        except pickle.UnpicklingError as e:
-            raise CheckpointCorruptError(
-                f"refusing to load {path}: it holds objects that weights_only loading does not "
-                "allow, and ckptguard never writes such objects, so the file was replaced or "
-                f"damaged after the save. Nothing in it was executed. ({str(e).splitlines()[0]})"
-            ) from e
-        except Exception as e:
-            raise CheckpointCorruptError(
-                f"cannot read {path}: {type(e).__name__}: {e}"
-            ) from e
-        for name, state in self._rank_states.items():
-            if name not in states:
-                if name == DATALOADER or name.startswith("extra.") or name == "lr_scheduler":
-                    raise StateMismatchError(
-                        f"{step_dir} holds no '{name}' state (it has {sorted(states)}); the "
-                        f"checkpoint was saved without it. Build the manager without {name} or "
-                        "start a new run."
-                    )
-                continue
-            if getattr(state, "per_rank", False) and (not same_rank or saved_world != self.world_size):
-                logger.warning(
-                    "%s: saved by %d ranks, loading on %d: per-rank state '%s' of rank %d is %s; "
-                    "the resume reshards exactly but cannot continue bit-exactly",
-                    step_dir, saved_world, self.world_size, name, self.rank,
-                    "restored from its own rank file" if same_rank else "not restored",
-                )
-                if not same_rank:
-                    continue
-            state.load_state_dict(states[name])
 
     # ------------------------------------------------------------------ resume guard
 
@@ -669,128 +539,12 @@ class CheckpointManager:
 
     def _on_rank0_then_all(self, fn: Any, error: type[CheckpointError] = CheckpointError) -> Any:
         """Run ``fn`` on rank 0 and hand its result, or its error, to every rank."""
-        result = error_text = None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except CheckpointError as e:
-                if not _dist.is_distributed():
-                    raise
-                error_text, error = str(e), type(e)
-            except Exception as e:
-                if not _dist.is_distributed():
-                    raise
-                error_text = f"{type(e).__name__}: {e}"
-        result, error_text, error = _dist.broadcast_object((result, error_text, error), self._group)
-        if error_text is not None:
-            raise error(error_text)
-        return result
+        return _dist.on_rank0_then_all(fn, self._group, error)
 
-    def _on_every_rank(
-        self, fn: Any, what: str, error: type[CheckpointError] = CommitError
-    ) -> Any:
-        """Run ``fn`` on every rank; if it fails on any rank, raise ``error`` on every rank.
-
-        The message names each failing rank and its cause; an ``OSError`` (full disk, I/O
-        error) carries no file name, so ``what`` names the path being written or read.
-        """
-        result = failure = None
-        try:
-            result = fn()
-        except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
-            if not _dist.is_distributed() and isinstance(e, CheckpointError):
-                raise
-            failure = (type(e) if isinstance(e, CheckpointError) else None, _describe(e))
-        failures = {
-            rank: f for rank, f in enumerate(_dist.all_gather_object(failure, self._group)) if f
-        }
-        if not failures:
-            return result
-        kinds = {kind for kind, _ in failures.values()}
-        if len(kinds) == 1 and None not in kinds:
-            error = kinds.pop()
-        causes = "; ".join(
-            (f"rank {rank}: " if self.world_size > 1 else "") + text
-            for rank, (_, text) in failures.items()
-        )
-        if error is CommitError:
-            raise CommitError(
-                f"{what} failed: {causes}{_free_space(self.root)}. The checkpoint was not committed "
-                "and the previous ones are untouched; fix the cause (e.g. free disk space) and "
-                "save again."
-            )
-        raise error(f"{what} failed: {causes}")
+    def _on_every_rank(self, fn: Any, what: str, error: type[CheckpointError] = CommitError) -> Any:
+        """Run ``fn`` on every rank; if it fails on any rank, raise ``error`` on every rank."""
+        return _dist.on_every_rank(fn, self._group, what, error, self.root)
 
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager for {self.root} is closed")
-
-
-def _describe(e: BaseException) -> str:
-    """One line per cause; DCP's CheckpointException otherwise prints whole tracebacks."""
-    if isinstance(e, dcp.CheckpointException):
-        return "; ".join(
-            f"{type(exc).__name__}: {exc} (DCP, rank {rank})" for rank, (exc, _) in e.failures.items()
-        )
-    return f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
-
-
-def _free_space(path: Path) -> str:
-    """A hint for write errors whose own text hides a full disk (torch's zip writer reports a
-    short write as "unexpected pos")."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return ""
-    return f" ({st.f_bavail * st.f_frsize / 2**30:.2f} GiB free on the file system of {path})"
-
-
-def _is_read_failure(e: BaseException) -> bool:
-    """Whether a DCP load failed reading files (damage), rather than fitting them (mismatch)."""
-    causes = [exc for exc, _ in e.failures.values()] if isinstance(e, dcp.CheckpointException) else [e]
-    return bool(causes) and all(
-        isinstance(c, (OSError, EOFError, pickle.UnpicklingError))
-        # torch 2.13 wraps an unreadable .metadata in an AssertionError with these words
-        or (isinstance(c, AssertionError) and "metadata read failed" in str(c))
-        for c in causes
-    )
-
-
-def _read_failure_record(path: Path) -> str:
-    try:
-        record = json.loads(path.read_text())
-        return f"rank {record['rank']} failed: {record['error']}"
-    except (OSError, ValueError, KeyError):
-        return f"a rank failed ({path.name} unreadable)"
-
-
-def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    groups = []
-    for group in optimizer.param_groups:
-        hp = {}
-        for k, v in group.items():
-            if k == "params":
-                continue
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                v = v.item()
-            if isinstance(v, (int, float, bool, str, type(None))):
-                hp[k] = v
-            elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
-                hp[k] = list(v)
-        groups.append(hp)
-    return groups
-
-
-def _device_type(model: nn.Module) -> str:
-    for p in model.parameters():
-        return p.device.type
-    return "cpu"
-
-
-class _quiet_no_dist(warnings.catch_warnings):
-    """DCP warns on every single-process call; we pass ``no_dist`` on purpose."""
-
-    def __enter__(self) -> Any:
-        out = super().__enter__()
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return out

@@ -182,3 +182,27 @@ def build_rank_states(
         states[DATALOADER] = DataLoaderState(dataloader)
     states[RNG] = RNGState()
     return states
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters as plain values (for the manifest and the guard)."""
+    groups = []
+    for group in optimizer.param_groups:
+        hp = {}
+        for k, v in group.items():
+            if k == "params":
+                continue
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if isinstance(v, (int, float, bool, str, type(None))):
+                hp[k] = v
+            elif isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v):
+                hp[k] = list(v)
+        groups.append(hp)
+    return groups
+
+
+def model_device_type(model: nn.Module) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"

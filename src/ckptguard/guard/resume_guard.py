@@ -135,7 +135,8 @@ class ResumeGuard:
 
     def before_load(self, step: int, step_dir: Path, manifest: dict[str, Any], template: dict[str, Any], *, strict_keys: bool) -> GuardReport:
         """Checks that need the live objects as they are before loading. May raise."""
-        from ckptguard.manager import _device_type, _hyperparameters  # the manager's own readers
+        from ckptguard.states import model_device_type as _device_type
+        from ckptguard.states import optimizer_hyperparameters as _hyperparameters
 
         info = manifest.get("info", {})
         guard_info = info.get("guard", {})

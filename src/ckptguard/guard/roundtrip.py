@@ -120,6 +120,6 @@ def verify_roundtrip(mgr: Any) -> RoundtripResult:
 
 
 def _quiet() -> Any:
-    from ckptguard.manager import _quiet_no_dist
+    from ckptguard._dist import quiet_no_dist
 
-    return _quiet_no_dist()
+    return quiet_no_dist()

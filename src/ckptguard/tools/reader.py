@@ -16,9 +16,14 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from ckptguard._version import FORMAT_VERSION, __version__
 from ckptguard.errors import CheckpointFormatError, CheckpointNotFoundError
-from ckptguard.layout import MANIFEST_NAME, CheckpointLayout, rank_filename, read_manifest
+from ckptguard.layout import (  # noqa: F401 - read_checked_manifest is part of the tools API
+    MANIFEST_NAME,
+    CheckpointLayout,
+    rank_filename,
+    read_checked_manifest,
+    read_manifest,
+)
 
 
 def load_tensor_state(step_dir: str | Path, keys: set[str] | None = None) -> dict[str, Any]:
@@ -101,22 +106,6 @@ def values_equal(a: Any, b: Any) -> bool:
 
 
 # ---------------------------------------------------------------------- finding a checkpoint
-
-
-def read_checked_manifest(step_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a complete checkpoint, refused if unreadable or newer than we read."""
-    step_dir = Path(step_dir)
-    try:
-        manifest = read_manifest(step_dir)
-    except (OSError, ValueError) as e:
-        raise CheckpointFormatError(f"cannot read the manifest {step_dir / MANIFEST_NAME}: {e}") from e
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"{step_dir} has format_version={version!r}; this ckptguard ({__version__}) reads "
-            f"format versions up to {FORMAT_VERSION}. Upgrade ckptguard to read it."
-        )
-    return manifest
 
 
 def is_root(path: str | Path) -> bool:
