@@ -103,6 +103,7 @@ class BackgroundStager(AsyncStager):
             optimizer.register_step_pre_hook(self._before_step) if optimizer is not None else None
         )
         self._stream: Any = None
+        self._used: set[str] = set()  # buffer names the current stage() uses
 
     # ---------------------------------------------------------------- AsyncStager protocol
 
@@ -111,8 +112,11 @@ class BackgroundStager(AsyncStager):
         self.wait()
         guarded = self._guarded_storages()
         background: list[_Copy] = []
+        self._used = set()
         with torch.no_grad():
             staged = self._stage_obj(state_dict, "", guarded, background)
+        for stale in set(self._buffers) - self._used:  # the state lost a tensor since last time
+            del self._buffers[stale]
         if not background:
             done: Future = Future()
             done.set_result(staged)
@@ -187,6 +191,7 @@ class BackgroundStager(AsyncStager):
         return keys
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        self._used.add(name)
         buf = self._buffers.get(name)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
             pin = like.is_cuda
