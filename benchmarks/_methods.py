@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ckptguard import CheckpointManager
+from ckptguard.commit import own_files
 from ckptguard.integrity import hash_files
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -50,21 +51,21 @@ EXTRA_PROBES: list[tuple[str, str, str]] = [
      "CheckpointManager._prepare_partial"),
     ("RNG capture", "ckptguard.states", "capture_rng_state"),
     ("rank file: RNG, scheduler, extras (torch.save + fsync)", "ckptguard.manager",
-     "CheckpointManager._write_rank_file"),
+     "write_rank_file"),
     ("fsync + crc32 of each DCP file, overlapped (inside DCP's write)", "ckptguard._writer",
      "_Sealer.seal"),
     ("  of which fsync", "ckptguard._writer", "_fsync_file"),
     ("  of which crc32 (in a parallel thread)", "ckptguard._writer", "crc32_file"),
     ("done record (fsync + hash of files DCP did not write)", "ckptguard.manager",
-     "CheckpointManager._write_done_record"),
-    ("second-pass file hashing (hash_files)", "ckptguard.manager", "hash_files"),
+     "write_done_record"),
+    ("second-pass file hashing (hash_files)", "ckptguard.commit", "hash_files"),
     ("manifest + commit (rank 0)", "ckptguard.manager", "CheckpointManager._commit"),
     ("guard checks before save (+ trace fsync)", "ckptguard.guard.resume_guard",
      "ResumeGuard.before_save"),
     ("guard bookkeeping after save", "ckptguard.guard.resume_guard", "ResumeGuard.after_save"),
     ("verify on load (read + crc32 of every file)", "ckptguard.manager",
      "CheckpointManager._verify"),
-    ("rank file load + RNG restore", "ckptguard.manager", "CheckpointManager._load_rank_file"),
+    ("rank file load + RNG restore", "ckptguard.manager", "load_rank_file"),
     ("guard checks before load (manifest, metadata vs live objects)",
      "ckptguard.guard.resume_guard", "ResumeGuard.before_load"),
     ("guard checks after load (read back moments, LR, mode)", "ckptguard.guard.resume_guard",
@@ -409,7 +410,7 @@ def method_ckptguard(ctx: Context, rep: int) -> dict[str, Any]:
     step = rep + 1
     with ctx.probes.collect() as save_extras:
         save_s, save_mem, path = _timed(lambda: mgr.save(step, overwrite=True))
-    mine = _own_files(path)
+    mine = own_files(path, _rank())
     rehash_s, _, _ = _timed(lambda: hash_files(path, mine))
     cache = _cold(ctx, path)
     with ctx.probes.collect() as load_extras:
@@ -468,14 +469,6 @@ def method_ckptguard_async(ctx: Context, rep: int) -> dict[str, Any]:
     if stager is not None:  # the staging copy kept between saves (not in peak RSS after save 1)
         out["held_mem"] = sum(b.nbytes for b in stager._buffers.values())
     return out
-
-
-def _own_files(step_dir: Path) -> list[str]:
-    r = _rank()
-    names = [n for n in os.listdir(step_dir) if n.startswith(f"__{r}_") or n == f"rank-{r:05d}.pt"]
-    if r == 0:
-        names.append(".metadata")
-    return sorted(names)
 
 
 METHODS = {

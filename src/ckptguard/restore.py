@@ -47,6 +47,15 @@ def load_rank_file(
     states = read_rank_file(step_dir / rank_filename(rank if same_rank else 0))
     for name, state in rank_states.items():
         if name not in states:
+            if manifest.get("save_mode") == "migrate":
+                # The old format never held it; refusing would force the user to drop the
+                # dataloader from the manager, and then no later checkpoint would hold it either.
+                logger.warning(
+                    "%s was migrated from an old-format checkpoint that holds no '%s' state: it "
+                    "keeps its current state (a dataloader starts from its first batch); "
+                    "checkpoints saved from now on hold it", step_dir, name,
+                )
+                continue
             if name in (DATALOADER, LR_SCHEDULER) or name.startswith(EXTRA_PREFIX):
                 raise StateMismatchError(
                     f"{step_dir} holds no '{name}' state (it has {sorted(states)}); the "

@@ -167,6 +167,25 @@ def test_migrate_restores_every_moment_on_its_parameter(old_ckpt, tmp_path):
     assert o2.param_groups[0]["weight_decay"] == 0.1 and o2.param_groups[1]["weight_decay"] == 0.0
 
 
+def test_migrated_checkpoint_loads_with_a_dataloader_and_later_saves_hold_it(old_ckpt, tmp_path, caplog):
+    """The old format has no loader position: load warns (never silently) instead of refusing,
+    so the manager can keep the loader and the next checkpoint holds its position."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    path, _ = old_ckpt
+    migrate(path, tmp_path / "new", **_meta_kw())
+    model, opt, sched = build_tied_training(seed=123)
+    loader = StatefulDataLoader(list(range(8)), batch_size=2)
+    with CheckpointManager(tmp_path / "new", model=model, optimizer=opt, lr_scheduler=sched, dataloader=loader) as mgr:
+        with caplog.at_level("WARNING", logger="ckptguard.restore"):
+            assert mgr.load() == 3
+        assert "holds no 'dataloader' state" in caplog.text and "first batch" in caplog.text
+        it = iter(loader)
+        assert next(it).tolist() == [0, 1]
+        mgr.save(4)
+    assert "dataloader" in read_manifest(tmp_path / "new" / "step-00000004")["components"]
+
+
 def test_migrated_checkpoint_is_fqn_keyed_with_tied_weight_once(old_ckpt, tmp_path):
     from ckptguard.tools.reader import load_tensor_state
 
