@@ -258,3 +258,31 @@ def set_manifest_field(step_dir, key: str, value: Any) -> None:
     manifest = json.loads(path.read_text())
     manifest[key] = value
     path.write_text(json.dumps(manifest))
+
+
+class RecordingBar:
+    """Stands in for ``tools._progress.progress``: records the phases a long operation reports."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.phases: list[str] = []
+        self.updates = 0
+
+    def __call__(self, iterable=None, **kwargs):
+        self.calls.append(kwargs)
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        self.phases.append(s)
+
+    def update(self, n: float = 1) -> None:
+        self.updates += n
+
+    def close(self) -> None:
+        pass

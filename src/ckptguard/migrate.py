@@ -36,6 +36,7 @@ from ckptguard.errors import CheckpointExistsError, CheckpointFormatError, State
 from ckptguard.integrity import hash_files
 from ckptguard.layout import CheckpointLayout, RootLock, manifest_header, rank_filename
 from ckptguard.states import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, RNG
+from ckptguard.tools._progress import progress
 from ckptguard.tools.legacy import LegacyState, read_legacy
 
 logger = logging.getLogger(__name__)
@@ -400,10 +401,27 @@ def migrate(
     single param group only, by ``model.named_parameters()`` order. Every check runs before
     anything is written; ``dry_run`` stops there. ``step`` overrides the step found in ``old``.
     """
+    # The work is three bulk phases (read, check + map, write + hash): the bar names the phase.
+    with progress(total=3, desc="migrate", unit="phase") as bar:
+        bar.set_postfix_str("reading")
+        return _migrate(
+            old, new, bar, model=model, optimizer=optimizer, param_names=param_names, step=step,
+            model_key=model_key, optimizer_key=optimizer_key, scheduler_key=scheduler_key,
+            unsafe_pickle=unsafe_pickle, overwrite=overwrite, dry_run=dry_run,
+        )
+
+
+def _migrate(  # noqa: ANN001 - ``migrate``'s own arguments, typed there
+    old, new, bar, *, model, optimizer, param_names, step, model_key, optimizer_key, scheduler_key,
+    unsafe_pickle, overwrite, dry_run,
+) -> MigrationReport:
+    """``migrate``'s work; ``bar`` advances once per phase."""
     legacy = read_legacy(
         old, model_key=model_key, optimizer_key=optimizer_key, scheduler_key=scheduler_key,
         unsafe_pickle=unsafe_pickle,
     )
+    bar.update()
+    bar.set_postfix_str("mapping")
     step = step if step is not None else legacy.step
     if step is None:
         raise CheckpointFormatError(f"{legacy.source} records no step (keys {legacy.keys}); pass the step to migrate it as")
@@ -434,8 +452,11 @@ def migrate(
     if root.resolve() == legacy.source.resolve():
         raise CheckpointExistsError(f"the destination {root} is the old checkpoint itself; choose a new root")
     header = _header(step, legacy, optimizer, osd["param_groups"], components)
+    bar.update()
+    bar.set_postfix_str("writing")
     path = _write_checkpoint(root, step, {MODEL: model_sd, OPTIMIZER: osd}, rank_states, header, overwrite)
     report.destination = str(path)
+    bar.update()
     logger.info("migrated %s -> %s (%d parameters named by %s)", legacy.source, path, len(slots), source)
     return report
 

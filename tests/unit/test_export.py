@@ -14,6 +14,7 @@ from ckptguard.cli import main
 from ckptguard.errors import CheckpointCorruptError, CheckpointError, CheckpointExistsError
 from ckptguard.tools.export import export_model
 from tests._helpers import (
+    RecordingBar,
     TiedLM,
     assert_tensors_equal,
     build_tied_training,
@@ -149,3 +150,11 @@ def test_bad_input(trained, tmp_path, capsys, what, match):
         export_model(path, tmp_path / "w.pt")
     assert main(["export", str(path), str(tmp_path / "w.pt")]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_export_reports_progress_per_phase(trained, tmp_path, monkeypatch):
+    bar = RecordingBar()
+    monkeypatch.setattr("ckptguard.tools.export.progress", bar)
+    export_model(trained[0], tmp_path / "w.pt")
+    assert bar.calls[0]["desc"] == "export" and bar.calls[0]["total"] == 3
+    assert bar.phases == ["verifying", "reading", "writing"] and bar.updates == 3

@@ -26,6 +26,7 @@ from ckptguard.layout import read_manifest
 from ckptguard.migrate import build_from_factory, migrate, read_param_names
 from ckptguard.tools import legacy
 from tests._helpers import (
+    RecordingBar,
     TiedLM,
     assert_model_equal,
     assert_tensors_equal,
@@ -539,3 +540,11 @@ def test_old_checkpoint_saved_from_gpu_migrates_and_loads_on_gpu(tmp_path):
         {k: v.cpu() for k, v in optimizer_tensors(opt).items()},
         {k: v.cpu() for k, v in optimizer_tensors(o2).items()}, "optimizer",
     )
+
+
+def test_migrate_reports_progress_per_phase(old_ckpt, tmp_path, monkeypatch):
+    bar = RecordingBar()
+    monkeypatch.setattr("ckptguard.migrate.progress", bar)
+    migrate(old_ckpt[0], tmp_path / "new", **_meta_kw())
+    assert bar.calls[0]["desc"] == "migrate" and bar.calls[0]["total"] == 3
+    assert bar.phases == ["reading", "mapping", "writing"] and bar.updates == 3

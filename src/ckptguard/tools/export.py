@@ -19,6 +19,7 @@ import torch
 
 from ckptguard.errors import CheckpointExistsError, CheckpointFormatError
 from ckptguard.states import MODEL
+from ckptguard.tools._progress import progress
 from ckptguard.tools.reader import find_checkpoint, load_tensor_state, read_checked_manifest
 
 _DTYPES = {
@@ -102,11 +103,26 @@ def export_model(
         raise CheckpointExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     step_dir = find_checkpoint(path, step)
     manifest = read_checked_manifest(step_dir)
-    if verify:
-        from ckptguard.tools.verify import require_intact
+    with progress(total=3, desc="export", unit="phase") as bar:  # verify, read, write: bulk phases
+        bar.set_postfix_str("verifying")
+        if verify:
+            from ckptguard.tools.verify import require_intact
 
-        require_intact(step_dir, "not exporting it")
-    sd = load_tensor_state(step_dir, keys={MODEL}).get(MODEL)
+            require_intact(step_dir, "not exporting it")
+        bar.update()
+        bar.set_postfix_str("reading")
+        sd = load_tensor_state(step_dir, keys={MODEL}).get(MODEL)
+        bar.update()
+        bar.set_postfix_str("writing")
+        report = _export_state(sd, step_dir, manifest, out, fmt, target_dtype)
+        bar.update()
+    return report
+
+
+def _export_state(
+    sd: Any, step_dir: Path, manifest: dict, out: Path, fmt: str, target_dtype: Any
+) -> ExportReport:
+    """Cast (if asked) and write ``sd`` atomically (temp file, rename)."""
     if not sd:
         raise CheckpointFormatError(f"{step_dir} holds no '{MODEL}' entries to export")
     kept = []
