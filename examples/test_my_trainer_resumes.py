@@ -12,18 +12,15 @@ step and its likely cause, e.g.::
     state after step 8 differs: the RNG was reseeded after load() ...
 
 Replace the body of ``train`` with your trainer (here: ckptguard's demo model and data). The
-legs import it by name (``"test_my_trainer_resumes:train"``), so its directory must be on
-``PYTHONPATH``; the fixture below does that. ``nproc=2`` runs every leg under torchrun.
+legs import it by name (``"test_my_trainer_resumes:train"``) from the directory this test
+imported it from. ``nproc=2`` runs every leg under torchrun.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -31,8 +28,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from ckptguard import CheckpointManager
 from ckptguard.demo import TinyLM, TokenWindows, build_optimizer, make_dataset, warmup_cosine
 from ckptguard.testing import ResumeContext, assert_resumes_exactly
-
-HERE = Path(__file__).resolve().parent
 
 
 def train(ctx: ResumeContext) -> None:
@@ -71,13 +66,7 @@ def train(ctx: ResumeContext) -> None:
     ctx.finish(mgr, step)  # saves the final state for the comparison
 
 
-@pytest.fixture
-def legs_can_import_train(monkeypatch):
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", str(HERE) + (os.pathsep + path if path else ""))
-
-
-def test_my_trainer_resumes_exactly(tmp_path, legs_can_import_train):
+def test_my_trainer_resumes_exactly(tmp_path):
     data = make_dataset(tmp_path / "tokens.npy")
     assert_resumes_exactly(
         "test_my_trainer_resumes:train", tmp_path, total_steps=20, stop_at=7,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -172,6 +173,9 @@ def _run_leg(
     else:
         cmd = [sys.executable, *args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    root = _import_root(fn)
+    if root is not None:  # the legs import ``fn`` by name, as this process could
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     (out_dir / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -179,6 +183,20 @@ def _run_leg(
             f"{leg} run of {fn} failed (exit {proc.returncode}); log in {out_dir / 'log.txt'}:\n"
             + (proc.stdout + proc.stderr)[-4000:]
         )
+
+
+def _import_root(fn: str) -> str | None:
+    """The ``sys.path`` entry from which this process imports ``fn``'s top-level package or
+    module (a test file's directory, a repo root), or None when it cannot tell."""
+    top = fn.partition(":")[0].split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.has_location or spec.origin is None:
+        return None
+    origin = Path(spec.origin).resolve()
+    return str(origin.parent.parent if spec.submodule_search_locations else origin.parent)
 
 
 def _read_losses(out_dir: Path) -> dict[int, dict[int, str]]:

@@ -41,13 +41,6 @@ STOP_AT = 6
 PROCESS_TIMEOUT_S = 300
 
 
-@pytest.fixture(autouse=True)
-def _importable_from_legs(monkeypatch):
-    """The legs import this module by name; make that work whatever pytest's cwd is."""
-    path = os.environ.get("PYTHONPATH", "")
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT) + (os.pathsep + path if path else ""))
-
-
 def _train(ctx: ResumeContext, *, restart_loader: bool = False, reseed: bool = False) -> None:
     opts = ctx.options
     seed = 0

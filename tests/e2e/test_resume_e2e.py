@@ -11,7 +11,6 @@ harness's own fail-on-bug tests. They live here, importable as
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -32,17 +31,9 @@ from ckptguard.guard.trace import trace_losses
 from ckptguard.manager import CheckpointManager
 from ckptguard.testing import ResumeContext, ResumeReport, run_resume_check
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = {"losses", "model", "optimizer", "lr_scheduler", "dataloader", "rng"}
 TOTAL_STEPS = 20
 STOP_AT = 8
-
-
-@pytest.fixture(autouse=True)
-def _importable_from_legs(monkeypatch):
-    """The legs import this module by name; make that work whatever pytest's cwd is."""
-    path = os.environ.get("PYTHONPATH", "")
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT) + (os.pathsep + path if path else ""))
 
 
 def _losses(ckpt_root: Path, nproc: int) -> dict[int, list[float]]:
