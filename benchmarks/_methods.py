@@ -296,6 +296,11 @@ def method_torch_save(ctx: Context, rep: int) -> dict[str, Any]:
             for k, v in loaded.items():
                 live[k].copy_(v)
 
+    return _save_then_load(ctx, root, save, load)
+
+
+def _save_then_load(ctx: Context, root: Path, save: Any, load: Any) -> dict[str, Any]:
+    """Time ``save``, a cold ``load`` (page cache evicted) and a warm one, then delete ``root``."""
     save_s, save_mem, _ = _timed(save)
     cache = _cold(ctx, root)
     cold_s, load_mem, _ = _timed(load)
@@ -327,13 +332,7 @@ def method_dcp(ctx: Context, rep: int) -> dict[str, Any]:
         set_model_state_dict(st.model, sd["model"])
         set_optimizer_state_dict(st.model, st.optimizer, sd["optimizer"])
 
-    save_s, save_mem, _ = _timed(save)
-    cache = _cold(ctx, root)
-    cold_s, load_mem, _ = _timed(load)
-    warm_s, _, _ = _timed(load)
-    _clean(root)
-    return {"save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
-            "load_mem": load_mem, "cache_drop": cache}
+    return _save_then_load(ctx, root, save, load)
 
 
 def method_dcp_async(ctx: Context, rep: int) -> dict[str, Any]:

@@ -29,18 +29,7 @@ def batch(seed: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_steps(model: nn.Module, optimizer, scheduler, steps: int, first_seed: int = 0) -> list[float]:
     """Run ``steps`` optimizer steps on deterministic batches; returns the losses."""
-    losses = []
-    model.train()
-    for i in range(steps):
-        x, y = batch(first_seed + i)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(loss.item())
-    return losses
+    return train_on_batches(model, optimizer, scheduler, (batch(first_seed + i) for i in range(steps)))
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

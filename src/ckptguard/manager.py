@@ -485,10 +485,9 @@ class CheckpointManager:
             + "Load another step, or use load(fallback=True)."
         )
 
-    def _choose_step(self, step: int | None) -> int | None:
+    def _choose_step(self, step: int) -> int:
+        """``step`` if it is a complete checkpoint; else an error listing the complete ones."""
         steps = self.layout.complete_steps()
-        if step is None:
-            return steps[-1] if steps else None
         if step not in steps:
             why = (
                 f" ({self.layout.step_dir(step)} exists but has no {MANIFEST_NAME}: its save never "
