@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ckptguard import CheckpointManager
-from ckptguard.commit import own_files
-from ckptguard.integrity import hash_files
+
+try:  # internals: the second-pass hashing reference row is skipped if they move
+    from ckptguard.commit import own_files
+    from ckptguard.integrity import hash_files
+except ImportError:  # pragma: no cover - depends on the ckptguard version
+    own_files = hash_files = None  # type: ignore[assignment]
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -59,7 +64,11 @@ EXTRA_PROBES: list[tuple[str, str, str]] = [
     ("done record (fsync + hash of files DCP did not write)", "ckptguard.manager",
      "write_done_record"),
     ("second-pass file hashing (hash_files)", "ckptguard.commit", "hash_files"),
-    ("manifest + commit (rank 0)", "ckptguard.manager", "CheckpointManager._commit"),
+    ("manifest + commit (rank 0; includes retention where deletion runs inside it)",
+     "ckptguard.manager", "CheckpointManager._commit"),
+    ("retention: prune beyond keep_last (inside save(), or in the background)", "ckptguard.layout",
+     "CheckpointLayout.prune"),
+    ("  of which deleting checkpoints", "ckptguard.layout", "CheckpointLayout.delete"),
     ("guard checks before save (+ trace fsync)", "ckptguard.guard.resume_guard",
      "ResumeGuard.before_save"),
     ("guard bookkeeping after save", "ckptguard.guard.resume_guard", "ResumeGuard.after_save"),
@@ -138,8 +147,7 @@ def build_state(total_gib: float, world_size: int, device: str = "cpu") -> Train
         warnings.simplefilter("ignore")
         for p in model.parameters():
             p.grad = torch.randn_like(p)  # DTensor-aware
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.step()  # the gradients stay: train_step() reuses them between saves
     local = sum(t.nbytes for t in _local_tensors(model, optimizer).values())
     total = local
     if dist.is_initialized():
@@ -147,6 +155,13 @@ def build_state(total_gib: float, world_size: int, device: str = "cpu") -> Train
         dist.all_reduce(box)
         total = int(box.item())
     return TrainingState(model, optimizer, local, total)
+
+
+def train_step(st: TrainingState) -> None:
+    """One optimizer step, untimed, before each ckptguard save, as a training loop has between
+    checkpoints: the resume guard checks that the optimizer it was handed has stepped since the
+    last save (and logs an error finding otherwise), and a real run saves a changed state."""
+    st.optimizer.step()
 
 
 def _device(device: str) -> torch.device:
@@ -213,6 +228,12 @@ class Context:
     thread_count: int
     cache_mode: str  # how page cache is dropped before cold loads: fadvise | global | none
     probes: Probes
+    steps: dict[str, int] = field(default_factory=dict)  # last step saved, per method
+
+    def next_step(self, method: str) -> int:
+        """Steps increase per method across warm-up and repeats, as in a training run."""
+        self.steps[method] = self.steps.get(method, 0) + 1
+        return self.steps[method]
 
 
 def _cold(ctx: Context, root: Path) -> str:
@@ -315,11 +336,29 @@ def _dcp_state(st: TrainingState) -> dict[str, Any]:
             "optimizer": get_optimizer_state_dict(st.model, st.optimizer)}
 
 
+def _raw_step_dir(ctx: Context, name: str, step: int) -> Path:
+    return ctx.workdir / name / f"step-{step:08d}"
+
+
+def _delete_older_raw(ctx: Context, name: str, keep: Path) -> None:
+    """Raw DCP rows write steps in sequence into one root, like a user's run, and delete their
+    own older directories here, outside the timed region (raw DCP users usually don't delete
+    at all); ``os.sync`` lets the deletion reach the disk before the next method is timed."""
+    _barrier()
+    if _rank() == 0:
+        for old in sorted((ctx.workdir / name).iterdir()):
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        os.sync()
+    _barrier()
+
+
 def method_dcp(ctx: Context, rep: int) -> dict[str, Any]:
     """Raw ``dcp.save``/``dcp.load`` of the state dict ckptguard saves (``get_*_state_dict``),
     ``FileSystemWriter(sync_files=True)`` with ckptguard's thread count; load ends with
-    ``set_*_state_dict`` as a user's would. No checksums, no commit protocol."""
-    root = ctx.workdir / f"dcp-{rep}"
+    ``set_*_state_dict`` as a user's would. No checksums, no commit protocol. The previous
+    step's directory exists during the save and is deleted afterwards, untimed."""
+    root = _raw_step_dir(ctx, "dcp", ctx.next_step("dcp"))
     st = ctx.state
 
     def save() -> None:
@@ -332,12 +371,19 @@ def method_dcp(ctx: Context, rep: int) -> dict[str, Any]:
         set_model_state_dict(st.model, sd["model"])
         set_optimizer_state_dict(st.model, st.optimizer, sd["optimizer"])
 
-    return _save_then_load(ctx, root, save, load)
+    save_s, save_mem, _ = _timed(save)
+    cache = _cold(ctx, root)
+    cold_s, load_mem, _ = _timed(load)
+    warm_s, _, _ = _timed(load)
+    _delete_older_raw(ctx, "dcp", keep=root)
+    return {"save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
+            "load_mem": load_mem, "cache_drop": cache}
 
 
 def method_dcp_async(ctx: Context, rep: int) -> dict[str, Any]:
-    """Raw ``dcp.async_save`` with its default staging (a full CPU copy on the caller's thread)."""
-    root = ctx.workdir / f"dcpasync-{rep}"
+    """Raw ``dcp.async_save`` with its default staging (a full CPU copy on the caller's thread);
+    steps in sequence, the older directory deleted afterwards, untimed."""
+    root = _raw_step_dir(ctx, "dcpasync", ctx.next_step("dcp.async_save"))
     st = ctx.state
     holder: dict[str, Any] = {}
 
@@ -354,42 +400,50 @@ def method_dcp_async(ctx: Context, rep: int) -> dict[str, Any]:
         return stall, time.perf_counter() - t0
 
     _, mem, (stall_s, complete_s) = _timed(both)
-    _clean(root)
+    _delete_older_raw(ctx, "dcpasync", keep=root)
     return {"stall_s": stall_s, "complete_s": complete_s, "save_mem": mem}
 
 
-class _Managers:
-    """One CheckpointManager per mode for the whole run (each builds process groups).
+# ------------------------------------------------------------------------- ckptguard rows
 
-    Retention is off (``keep_last=None``) so that a timed save does the same work as the other
-    rows (write one checkpoint); the previous checkpoint is deleted after the timing with the
-    very function retention uses, and that deletion is timed and reported on its own.
-    """
+DEFAULT_KEEP_LAST: int | None = (
+    inspect.signature(CheckpointManager.__init__).parameters["keep_last"].default
+)
+
+# keep_last of each ckptguard row: retention is ON in the rows a user gets (the default, and 1,
+# the worst case: every save deletes the checkpoint it replaces); the ``keep_last=None`` row is
+# the reference for what ckptguard adds to DCP besides deletion (checksums, RNG, manifest, guard).
+KEEP_LAST: dict[str, int | None] = {
+    "ckptguard": DEFAULT_KEEP_LAST,
+    "ckptguard keep_last=1": 1,
+    "ckptguard keep_last=None": None,
+    "ckptguard async": DEFAULT_KEEP_LAST,
+}
+
+
+def checkpoints_held(method: str) -> int:
+    """Complete checkpoints a method leaves on disk between repeats (for the free-space check)."""
+    if method in KEEP_LAST:
+        keep = KEEP_LAST[method]
+        return 1 if keep is None else keep  # the None row's older steps are deleted, untimed
+    return 1 if method in ("dcp", "dcp.async_save") else 0
+
+
+class _Managers:
+    """One CheckpointManager per ckptguard row for the whole size (each builds process groups
+    and holds its root's lock), so that its checkpoints accumulate as in a training run."""
 
     def __init__(self) -> None:
         self._by_key: dict[str, CheckpointManager] = {}
 
-    def get(self, ctx: Context, key: str) -> CheckpointManager:
-        if key not in self._by_key:
-            root = ctx.workdir / f"ckptguard-{key}"
-            self._by_key[key] = CheckpointManager(
-                root, model=ctx.state.model, optimizer=ctx.state.optimizer, keep_last=None,
-                thread_count=ctx.thread_count,
+    def get(self, ctx: Context, method: str) -> CheckpointManager:
+        if method not in self._by_key:
+            root = ctx.workdir / ("ckptguard-" + method.replace(" ", "-").replace("=", "-"))
+            self._by_key[method] = CheckpointManager(
+                root, model=ctx.state.model, optimizer=ctx.state.optimizer,
+                keep_last=KEEP_LAST[method], thread_count=ctx.thread_count,
             )
-        return self._by_key[key]
-
-    def delete_older(self, mgr: CheckpointManager, keep: int) -> float | None:
-        """Delete every checkpoint but ``keep`` as retention would; seconds on rank 0."""
-        _barrier()
-        seconds = None
-        if _rank() == 0:
-            t0 = time.perf_counter()
-            for step in mgr.steps():
-                if step != keep:
-                    mgr.layout.delete(step)
-            seconds = time.perf_counter() - t0
-        _barrier()
-        return seconds
+        return self._by_key[method]
 
     def close(self) -> None:
         for mgr in self._by_key.values():
@@ -401,32 +455,108 @@ class _Managers:
 MANAGERS = _Managers()
 
 
-def method_ckptguard(ctx: Context, rep: int) -> dict[str, Any]:
-    """``CheckpointManager.save(step)`` (blocking) and ``load()`` with the defaults
-    (checksums at save, ``verify_on_load=True``). Also times, apart, what a serial second
-    hashing pass over the rank's files would cost (``hash_files``, warm cache)."""
-    mgr = MANAGERS.get(ctx, "sync")
-    step = rep + 1
+def prefill(ctx: Context, methods: list[str]) -> None:
+    """Untimed saves before the warm-up, so that from the first save on every row's root holds
+    what it would mid-run: ``keep_last`` checkpoints for the ckptguard rows (each later save
+    deletes one inside ``save()``), the previous step for the raw DCP rows."""
+    for method in methods:
+        if method in KEEP_LAST:
+            mgr = MANAGERS.get(ctx, method)
+            keep = KEEP_LAST[method]
+            for _ in range(1 if keep is None else keep):
+                train_step(ctx.state)
+                mgr.save(ctx.next_step(method), blocking=method != "ckptguard async")
+                mgr.wait()
+            _settle(mgr)
+        elif method in ("dcp", "dcp.async_save"):
+            root = _raw_step_dir(ctx, "dcp" if method == "dcp" else "dcpasync",
+                                 ctx.next_step(method))
+            writer = dcp.FileSystemWriter(root, sync_files=True, thread_count=ctx.thread_count)
+            dcp.save(_dcp_state(ctx.state), storage_writer=writer, **_dcp_kwargs())
+    _barrier()
+
+
+_DOOMED_RE = re.compile(r"step-\d+|trash|delet")
+
+
+def _settle(mgr: CheckpointManager, timeout_s: float = 300.0) -> float | None:
+    """Wait until retention has finished deleting under ``mgr.root``; seconds waited (rank 0).
+
+    ``save()`` may delete old checkpoints itself or leave that to a background thread. Either
+    way the next method must not be timed while a deletion is still running, so rank 0 polls
+    until the root holds at most ``keep_last`` complete checkpoints and no non-empty directory
+    that looks like one on its way out (``.step-N.deleting``, a trash directory; the guard's own
+    directories are left alone). Returns how long that took after ``save()`` returned: about 0
+    when ``save()`` deleted synchronously.
+    """
+    _barrier()
+    waited = None
+    if _rank() == 0:
+        t0 = time.perf_counter()
+        while True:
+            steps = mgr.steps()
+            names = {Path(mgr.layout.step_dir(s)).name for s in steps} if steps else set()
+            busy = [e.name for e in os.scandir(mgr.root)
+                    if e.is_dir() and e.name not in names and _DOOMED_RE.search(e.name)
+                    and any(os.scandir(e.path))]
+            over = mgr.keep_last is not None and len(steps) > mgr.keep_last
+            if not busy and not over:
+                break
+            if time.perf_counter() - t0 > timeout_s:
+                raise RuntimeError(
+                    f"retention under {mgr.root} still not done after {timeout_s:.0f}s: "
+                    f"{len(steps)} complete checkpoints (keep_last={mgr.keep_last}), busy {busy}"
+                )
+            time.sleep(0.005)
+        waited = time.perf_counter() - t0
+    _barrier()
+    return waited
+
+
+def _steps_on_rank0(mgr: CheckpointManager) -> set[int] | None:
+    return set(mgr.steps()) if _rank() == 0 else None
+
+
+def _ckptguard_save(ctx: Context, method: str) -> tuple[CheckpointManager, int, Path, dict[str, Any]]:
+    """One timed blocking ``save(step)`` of a ckptguard row, retention as configured, then wait
+    (untimed) for any deletion still running. ``deleted_n``: checkpoints this save deleted."""
+    mgr = MANAGERS.get(ctx, method)
+    step = ctx.next_step(method)
+    train_step(ctx.state)
+    _barrier()
+    before = _steps_on_rank0(mgr)
     with ctx.probes.collect() as save_extras:
-        save_s, save_mem, path = _timed(lambda: mgr.save(step, overwrite=True))
-    mine = own_files(path, _rank())
-    rehash_s, _, _ = _timed(lambda: hash_files(path, mine))
-    cache = _cold(ctx, path)
+        save_s, save_mem, path = _timed(lambda: mgr.save(step))
+        tail_s = _settle(mgr)
+    out: dict[str, Any] = {"save_s": save_s, "save_mem": save_mem, "save_extras": save_extras}
+    if before is not None:
+        out["deleted_n"] = len(before - set(mgr.steps()))
+        out["retention_tail_s"] = tail_s
+    return mgr, step, Path(path), out
+
+
+def method_ckptguard(ctx: Context, rep: int) -> dict[str, Any]:
+    """The user's save: ``CheckpointManager.save(step)`` (blocking) with the default
+    ``keep_last``, so that the oldest checkpoint is deleted as part of the save, and
+    ``load(step)`` with the defaults (``verify_on_load=True``). Also times, apart, a load
+    without verification and what a serial second hashing pass over the rank's files would
+    cost (``hash_files``, warm cache)."""
+    mgr, step, path, out = _ckptguard_save(ctx, "ckptguard")
+    if hash_files is not None and own_files is not None:
+        mine = own_files(path, _rank())
+        out["rehash_s"], _, _ = _timed(lambda: hash_files(path, mine))
+    out["cache_drop"] = _cold(ctx, path)
     with ctx.probes.collect() as load_extras:
-        cold_s, load_mem, _ = _timed(lambda: mgr.load(step))
-    warm_s, _, _ = _timed(lambda: mgr.load(step))
+        out["load_cold_s"], out["load_mem"], _ = _timed(lambda: mgr.load(step))
+    out["load_extras"] = load_extras
+    out["load_warm_s"], _, _ = _timed(lambda: mgr.load(step))
     # what the checksum verification costs at load: the same cold load without it
     _cold(ctx, path)
     mgr.verify_on_load = False
     try:
-        noverify_s, _, _ = _timed(lambda: mgr.load(step))
+        out["load_cold_noverify_s"], _, _ = _timed(lambda: mgr.load(step))
     finally:
         mgr.verify_on_load = True
-    out = {"load_cold_noverify_s": noverify_s, "save_s": save_s, "save_mem": save_mem, "load_cold_s": cold_s, "load_warm_s": warm_s,
-           "load_mem": load_mem, "cache_drop": cache, "rehash_s": rehash_s,
-           "save_extras": save_extras, "load_extras": load_extras}
-    if len(mgr.steps()) > 1:  # the previous repeat's (or the warm-up's) checkpoint
-        out["retention_s"] = MANAGERS.delete_older(mgr, keep=step)
     record = getattr(mgr, "record", None)
     if callable(record):
         batch = torch.randint(0, 50_000, _TRACE_BATCH, generator=torch.Generator().manual_seed(rep))
@@ -439,16 +569,47 @@ def method_ckptguard(ctx: Context, rep: int) -> dict[str, Any]:
     return out
 
 
+def method_ckptguard_keep1(ctx: Context, rep: int) -> dict[str, Any]:
+    """``save(step)`` with ``keep_last=1``, the worst case: every save deletes the checkpoint it
+    replaces, a whole state's worth of files."""
+    return _ckptguard_save(ctx, "ckptguard keep_last=1")[3]
+
+
+def method_ckptguard_noretention(ctx: Context, rep: int) -> dict[str, Any]:
+    """``save(step)`` with ``keep_last=None``: the same work as raw DCP plus ckptguard's extras
+    (checksums, RNG, rank files, manifest, guard) and nothing else; the reference for the
+    extras target. The older checkpoint is deleted afterwards, untimed, as the raw DCP rows do."""
+    mgr, step, _, out = _ckptguard_save(ctx, "ckptguard keep_last=None")
+    _barrier()
+    if _rank() == 0:
+        for old in mgr.steps():
+            if old != step:
+                _delete_untimed(mgr, old)
+        os.sync()
+    _barrier()
+    return out
+
+
+def _delete_untimed(mgr: CheckpointManager, step: int) -> None:
+    delete = getattr(mgr.layout, "delete", None)
+    if callable(delete):
+        delete(step)
+    else:  # pragma: no cover - a ckptguard version without layout.delete
+        shutil.rmtree(mgr.layout.step_dir(step))
+
+
 def method_ckptguard_async(ctx: Context, rep: int) -> dict[str, Any]:
-    """``save(step, blocking=False)``: the caller's stall is the call itself; complete = when
-    ``wait()`` returns (committed and durable). If the manager stages in the background, the
-    time until staging is done is what the next ``optimizer.step()`` may wait at most."""
-    mgr = MANAGERS.get(ctx, "async")
-    step = rep + 1
+    """``save(step, blocking=False)`` with the default ``keep_last``: the caller's stall is the
+    call itself; complete = when ``wait()`` returns (committed and durable). If the manager
+    stages in the background, the time until staging is done is what the next
+    ``optimizer.step()`` may wait at most."""
+    method = "ckptguard async"
+    mgr = MANAGERS.get(ctx, method)
+    step = ctx.next_step(method)
 
     def both() -> tuple[float, float | None, float]:
         t0 = time.perf_counter()
-        mgr.save(step, blocking=False, overwrite=True)
+        mgr.save(step, blocking=False)
         stall = time.perf_counter() - t0
         staged = None
         stager = getattr(mgr, "_stager", None)  # ckptguard._staging.BackgroundStager
@@ -458,15 +619,22 @@ def method_ckptguard_async(ctx: Context, rep: int) -> dict[str, Any]:
         mgr.wait()
         return stall, staged, time.perf_counter() - t0
 
+    train_step(ctx.state)
+    _barrier()
+    before = _steps_on_rank0(mgr)
     with ctx.probes.collect() as extras:
         _, mem, (stall_s, staged_s, complete_s) = _timed(both)
-    MANAGERS.delete_older(mgr, keep=step)
+        tail_s = _settle(mgr)
     out = {"stall_s": stall_s, "complete_s": complete_s, "save_mem": mem, "save_extras": extras}
+    if before is not None:
+        out["deleted_n"] = len(before - set(mgr.steps()))
+        out["retention_tail_s"] = tail_s
     if staged_s is not None:
         out["staged_s"] = staged_s
     stager = getattr(mgr, "_stager", None)
-    if stager is not None:  # the staging copy kept between saves (not in peak RSS after save 1)
-        out["held_mem"] = sum(b.nbytes for b in stager._buffers.values())
+    buffers = getattr(stager, "_buffers", None)
+    if buffers is not None:  # the staging copy kept between saves (not in peak RSS after save 1)
+        out["held_mem"] = sum(b.nbytes for b in buffers.values())
     return out
 
 
@@ -476,10 +644,11 @@ METHODS = {
     "dcp": method_dcp,
     "dcp.async_save": method_dcp_async,
     "ckptguard": method_ckptguard,
+    "ckptguard keep_last=1": method_ckptguard_keep1,
+    "ckptguard keep_last=None": method_ckptguard_noretention,
     "ckptguard async": method_ckptguard_async,
 }
 
 
 def default_thread_count() -> int:
     return inspect.signature(CheckpointManager.__init__).parameters["thread_count"].default
-

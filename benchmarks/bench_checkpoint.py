@@ -1,17 +1,19 @@
-"""Checkpoint benchmark: ckptguard vs raw DCP vs torch.save vs the disk, side by side, in one run.
+"""Checkpoint benchmark: what a ckptguard user gets (retention on) vs raw DCP, torch.save and
+the disk, side by side, in one run.
 
-    python benchmarks/bench_checkpoint.py                 # 0.25 and 1 GiB, 1 and 2 ranks
+    python benchmarks/bench_checkpoint.py                 # 0.0625, 0.5 and 2 GiB, 1 and 2 ranks
     python benchmarks/bench_checkpoint.py --full          # adds 4 GiB
-    python benchmarks/bench_checkpoint.py --sizes 0.5 --nproc 1 --repeats 5
+    python benchmarks/bench_checkpoint.py --sizes 0.5 --nproc 1 --repeats 7
 
-Writes ``benchmarks/out/results.md`` and ``results.json`` (or ``--out``). See
-benchmarks/README.md for what each method and column means.
+Writes ``benchmarks/out/results.md`` and ``results.json`` (or ``--out``); the headline table at
+the top is the user's view. See benchmarks/README.md for what each method and column means.
 
 The driver runs one worker per rank count: a plain process for 1 rank, ``torchrun`` for 2+
 (FSDP2 ``fully_shard`` on a gloo CPU mesh). Each worker builds every size in turn and runs every
-method on the same live state, interleaving methods within each repeat (in a rotating order) so that
-drifting load on the machine spreads over all of them.
-"""
+method on the same live state, saving steps in sequence into one root per method (so ckptguard's
+retention deletes inside the timed save, as in a training run), interleaving methods within each
+repeat in an alternating order (forward, reversed) so that drifting load and the disk's state
+spread over all of them."""
 
 from __future__ import annotations
 
@@ -32,16 +34,18 @@ GiB = 2**30
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="0.25,1",
-                   help="comma-separated GiB of model + AdamW state (params x3) [0.25,1]")
+    p.add_argument("--sizes", default="0.0625,0.5,2",
+                   help="comma-separated GiB of model + AdamW state (params x3) [0.0625,0.5,2]")
     p.add_argument("--full", action="store_true", help="add 4 GiB to --sizes")
     p.add_argument("--nproc", default="1,2", help="comma-separated rank counts [1,2]")
-    p.add_argument("--repeats", type=int, default=3, help="repeats per method [3]")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats per method, interleaved, order alternating [5]")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed rounds of every method first (first-call costs) [1]")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of: disk, torch.save, dcp, dcp.async_save, "
-                        "ckptguard, ckptguard async [all]")
+                        "ckptguard, ckptguard keep_last=1, ckptguard keep_last=None, "
+                        "ckptguard async [all]")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the model and optimizer state live; cuda: one GPU per rank, "
                         "async saves stage into pinned host memory [cpu]")
@@ -83,12 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     from _measure import Probes
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    methods = list(_methods.METHODS)
-    if args.methods:
-        methods = [m.strip() for m in args.methods.split(",")]
-        unknown = sorted(set(methods) - set(_methods.METHODS))
-        if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; known: {list(_methods.METHODS)}")
+    methods = _methods_arg(args)
     threads = args.threads or _methods.default_thread_count()
     probes = Probes(_methods.EXTRA_PROBES)
     probes.install()
@@ -98,23 +97,33 @@ def worker(args: argparse.Namespace) -> None:
             state = _methods.build_state(size, world, args.device)
             workdir = Path(args.workdir) / f"size{size:g}-np{world}"
             ctx = _methods.Context(state, workdir, threads, args.cache_drop, probes)
+            # every root holds what it would mid-run before anything is timed: keep_last
+            # checkpoints for the ckptguard rows, so each timed save deletes one
+            _methods.prefill(ctx, methods)
             for rep in range(-args.warmup, 0):  # results thrown away
                 for name in methods:
                     _methods.METHODS[name](ctx, rep)
             repeats: list[dict[str, Any]] = []
+            orders = []
             for rep in range(args.repeats):
                 row = {}
-                # rotate the order so that no method always runs first (after a deletion)
-                shift = rep % len(methods)
-                for name in methods[shift:] + methods[:shift]:
+                # alternate the order (forward, reversed, ...) so that on average every method
+                # runs at the same place in the round, after the same writes and deletions
+                order = methods if rep % 2 == 0 else methods[::-1]
+                for name in order:
                     row[name] = _methods.METHODS[name](ctx, rep)
                 repeats.append(row)
+                orders.append(list(order))
             _methods.MANAGERS.close()
             gathered = _gather(repeats)
+            local_bytes = max(_gather(state.local_bytes))
             if rank == 0:
                 configs.append({
                     "size_gib": size, "nproc": world, "total_bytes": state.total_bytes,
+                    "local_bytes": local_bytes,
                     "thread_count": threads, "repeats": args.repeats, "methods": methods,
+                    "order": orders,
+                    "keep_last": {m: k for m, k in _methods.KEEP_LAST.items() if m in methods},
                     "device": args.device,
                     "parallelism": (f"FSDP2 fully_shard, {args.device} mesh" if world > 1
                                     else "single process"),
@@ -132,30 +141,46 @@ def worker(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def _gather(repeats: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """[rank][repeat] -> {method: result} on rank 0."""
+def _gather(obj: Any) -> list[Any]:
+    """One ``obj`` per rank, in rank order (e.g. [rank][repeat] -> {method: result})."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        return [repeats]
+        return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, repeats)
+    dist.all_gather_object(out, obj)
     return out
 
 
 # ------------------------------------------------------------------------------------ driver
 
 
-def _check_disk(workdir: Path, sizes: list[float]) -> None:
-    # the largest size, twice (ckptguard keeps the previous checkpoint until the next commits),
-    # plus a margin
-    need = 2 * max(sizes) * GiB + 1 * GiB
+def _check_disk(workdir: Path, sizes: list[float], methods: list[str]) -> None:
+    """Refuse to start without room for the checkpoints every row keeps (retention is on:
+    ``keep_last`` per ckptguard row, the previous step per raw DCP row) + one being written."""
+    import _methods
+
+    held = sum(_methods.checkpoints_held(m) for m in methods)
+    need = (held + 1) * max(sizes) * GiB + 1 * GiB
     free = shutil.disk_usage(workdir).free
     if free < need:
         raise SystemExit(
             f"--workdir {workdir}: {free / GiB:.1f} GiB free, the benchmark needs about "
-            f"{need / GiB:.1f} GiB for --sizes {sizes}. Pick a smaller size or another --workdir."
+            f"{need / GiB:.1f} GiB for --sizes {sizes} ({held} checkpoints kept across the rows "
+            "+ one being written). Pick a smaller size, fewer --methods or another --workdir."
         )
+
+
+def _methods_arg(args: argparse.Namespace) -> list[str]:
+    import _methods
+
+    if not args.methods:
+        return list(_methods.METHODS)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(_methods.METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {list(_methods.METHODS)}")
+    return methods
 
 
 def run_config(args: argparse.Namespace, nproc: int, workdir: Path, raw_file: Path) -> list[dict]:
@@ -196,7 +221,7 @@ def aggregate(raw_configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             summary[method] = _report.summarize(reps)
             summary[method]["repeats"] = reps
         cfg["summary"] = summary
-        cfg["targets"] = _report.targets(summary)
+        cfg["targets"] = _report.targets(summary, cfg["size_gib"], cfg["local_bytes"])
         out.append(cfg)
     return out
 
@@ -217,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
-        _check_disk(workdir, _sizes(args))
+        _check_disk(workdir, _sizes(args), _methods_arg(args))
         machine = _measure.machine_info(workdir)
         configs: list[dict[str, Any]] = []
         for nproc in [int(x) for x in args.nproc.split(",") if x.strip()]:
