@@ -275,3 +275,19 @@ class RecordingBar:
 
     def close(self) -> None:
         pass
+
+
+# --- learnable data for the e2e trainer matrix (tests/e2e/trainers) --------------------------
+
+
+def progression_windows(
+    n: int = 512, vocab: int = 33, context: int = 4, seed: int = 0
+) -> torch.utils.data.TensorDataset:
+    """``n`` (``context`` tokens, next token) pairs cut from arithmetic progressions modulo
+    ``vocab`` (random start, stride 1-3). A tiny model learns it within a dozen steps, so a lost
+    optimizer moment or a repeated batch changes the losses instead of hiding in noise."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    stride = torch.randint(1, 4, (n, 1), generator=g)
+    seq = (start + stride * torch.arange(context + 1)) % vocab
+    return torch.utils.data.TensorDataset(seq[:, :context], seq[:, context])

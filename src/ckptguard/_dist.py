@@ -41,6 +41,21 @@ def new_cpu_group() -> dist.ProcessGroup | None:
     return dist.new_group(backend="gloo")
 
 
+def destroy_group(group: dist.ProcessGroup | None) -> None:
+    """Destroy a group made by ``new_cpu_group``: its sockets and gloo threads go with it.
+
+    Local to this process (``destroy_process_group`` of a non-default group makes no
+    collective call), so ranks may do it at different moments once none of them uses the group.
+    A group whose world was destroyed (or re-initialised) already is gone: nothing to do.
+    """
+    if group is None or not is_distributed():
+        return
+    try:
+        dist.destroy_process_group(group)
+    except ValueError:  # "Invalid process group specified": not in this world any more
+        pass
+
+
 def barrier(group: dist.ProcessGroup | None) -> None:
     if is_distributed():
         dist.barrier(group=group)

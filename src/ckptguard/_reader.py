@@ -9,8 +9,16 @@ destination is the whole saved chunk, contiguous, on the CPU and of the saved dt
 finds that record through the zip's directory and ``readinto``s the destination's memory: one
 copy, from the page cache the verification just filled. Items are read in file order.
 
-Anything else (a reshard that narrows a chunk, a dtype change, GPU destinations, stream
-transforms, a zip that does not look as expected) goes through DCP's own per-item code, so the
+The raw bytes are the tensor's *values* in row-major order only if the saved tensor was laid out
+that way. DCP keeps the strides of a tensor whose storage holds exactly its elements (a
+transposed parameter, a ``channels_last`` conv weight, the AdamW moments that inherit them), so
+before copying bytes the reader reads the item's ``data.pkl`` (with an unpickler that can only
+build a description of a plain tensor, never run code) and takes the fast path only when it
+proves storage offset 0, row-major strides and a storage of exactly the tensor's elements.
+
+Anything else (a saved layout that is not row-major, a reshard that narrows a chunk, a dtype
+change, a non-contiguous or GPU destination, stream transforms, a zip or pickle that does not
+look as expected) goes through DCP's own per-item code, which honours the saved strides, so the
 fast path is an optimization with a complete fallback, never a second format.
 """
 
@@ -18,10 +26,13 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
+import pickle
 import struct
 import sys
 import zipfile
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -68,23 +79,155 @@ class _Slice(io.RawIOBase):
         return got
 
 
-def _storage_record(blob: _Slice) -> tuple[int, int] | None:
-    """(offset, nbytes) of the raw bytes of the single storage in a ``torch.save`` zip blob, or
-    ``None`` when the blob is not that simple (then DCP's own code reads it)."""
+# The legacy storage class names ``torch.save`` writes for each dtype (``_rebuild_tensor_v2``);
+# part of the serialization format, so stable. Other dtypes go through DCP's own path.
+_STORAGE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "DoubleStorage",
+    torch.float32: "FloatStorage",
+    torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage",
+    torch.int64: "LongStorage",
+    torch.int32: "IntStorage",
+    torch.int16: "ShortStorage",
+    torch.int8: "CharStorage",
+    torch.uint8: "ByteStorage",
+    torch.bool: "BoolStorage",
+    torch.complex64: "ComplexFloatStorage",
+    torch.complex128: "ComplexDoubleStorage",
+}
+_KNOWN_STORAGES = frozenset(_STORAGE_NAMES.values())
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredTensor:
+    """What an item's ``data.pkl`` says about its tensor, and where its raw bytes are."""
+
+    storage_name: str  # e.g. "FloatStorage"
+    storage_key: str  # the data record is ``<archive>/data/<storage_key>``
+    storage_numel: int
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    data_offset: int = -1  # of the raw bytes, from the start of the item
+    data_nbytes: int = -1
+
+    def __setstate__(self, state: Any) -> None:
+        # a frozen slots dataclass would otherwise accept BUILD: a record could rewrite its
+        # own stride after _RecordRebuild checked it
+        raise pickle.UnpicklingError("BUILD is not part of a plain tensor record")
+
+    def is_row_major_whole_storage(self) -> bool:
+        """True when the storage bytes, in order, are exactly the tensor's values in row-major
+        order: offset 0, a storage of exactly ``numel`` elements, strides of a contiguous tensor
+        (a dimension of size 1 may have any stride: it is never stepped over)."""
+        numel = math.prod(self.size)
+        if numel == 0:
+            return True  # nothing to read
+        if self.storage_offset != 0 or self.storage_numel != numel:
+            return False
+        expected = 1
+        for n, s in zip(reversed(self.size), reversed(self.stride), strict=True):
+            if n != 1 and s != expected:
+                return False
+            expected *= n
+        return True
+
+
+class _Refuses:
+    """No state can be set on these objects: the unpickler's BUILD opcode (``__setstate__``) is
+    refused, so a crafted record cannot alter the recorders or what they return."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("BUILD is not part of a plain tensor record")
+
+
+class _StorageRef(str):
+    """The storage class named in a pickle (holds only its name)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("BUILD is not part of a plain tensor record")
+
+
+class _RecordRebuild(_Refuses):
+    """Stands in for ``torch._utils._rebuild_tensor_v2``: records its arguments, builds nothing.
+    A seventh argument (tensor metadata such as conj/neg bits) is not a plain tensor."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> _StoredTensor:
+        if len(args) != 6:
+            raise pickle.UnpicklingError(f"_rebuild_tensor_v2 with {len(args)} arguments")
+        storage, offset, size, stride, _requires_grad, hooks = args
+        if not (isinstance(storage, tuple) and len(storage) == 3) or hooks != {}:
+            raise pickle.UnpicklingError("not a plain storage, or backward hooks")
+        name, key, numel = storage
+        if not (
+            isinstance(name, _StorageRef)
+            and isinstance(offset, int)
+            and isinstance(size, tuple) and all(isinstance(n, int) for n in size)
+            and isinstance(stride, tuple) and all(isinstance(n, int) for n in stride)
+            and len(size) == len(stride)
+        ):
+            raise pickle.UnpicklingError("unexpected offset/size/stride types")
+        return _StoredTensor(str(name), key, numel, offset, size, stride)
+
+
+class _EmptyHooks(_Refuses):
+    """Stands in for ``collections.OrderedDict``: the (always empty) backward hooks."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> dict:
+        if args:
+            raise pickle.UnpicklingError("non-empty OrderedDict")
+        return {}
+
+
+class _TensorRecordUnpickler(pickle.Unpickler):
+    """Reads the ``data.pkl`` of a ``torch.save``-d plain CPU tensor into a ``_StoredTensor``.
+
+    Every global it may look up is replaced by a recorder above, so unpickling runs no code of
+    the file's choosing and can set no attribute anywhere; anything else (a tensor subclass, a
+    parameter, metadata, a storage of another kind) raises ``UnpicklingError`` and the item
+    takes DCP's path."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _RecordRebuild()
+        if (module, name) == ("collections", "OrderedDict"):
+            return _EmptyHooks()
+        if module == "torch" and name in _KNOWN_STORAGES:
+            return _StorageRef(name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a plain tensor record")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if (
+            isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and isinstance(pid[1], _StorageRef) and isinstance(pid[2], str)
+            and pid[3] == "cpu" and isinstance(pid[4], int)
+        ):
+            return (pid[1], pid[2], pid[4])
+        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+
+
+_MAX_RECORD_NBYTES = 64 * 1024  # a plain tensor's data.pkl is ~150 bytes
+
+
+def _parse_tensor_record(pkl: bytes) -> _StoredTensor | None:
     try:
-        with zipfile.ZipFile(blob) as zf:
-            infos = zf.infolist()
-            data = [i for i in infos if "/data/" in i.filename and not i.filename.endswith("/")]
-            if len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED:
-                return None
-            order = [i for i in infos if i.filename.endswith("/byteorder")]
-            if order:
-                if zf.read(order[0]).decode(errors="replace") != sys.byteorder:
-                    return None
-            elif sys.byteorder != "little":
-                return None
-            info = data[0]
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError):
+        record = _TensorRecordUnpickler(io.BytesIO(pkl)).load()
+    except Exception:  # noqa: BLE001 - whatever a malformed record raises, DCP's path reads it
+        return None
+    return record if type(record) is _StoredTensor else None
+
+
+def _member_bytes_at(blob: _Slice, info: zipfile.ZipInfo) -> int | None:
+    """Where an uncompressed zip member's bytes start in ``blob`` (from its local header)."""
+    if info.compress_type != zipfile.ZIP_STORED:
         return None
     blob.seek(info.header_offset)
     header = blob.read(_LOCAL_HEADER.size)
@@ -94,7 +237,46 @@ def _storage_record(blob: _Slice) -> tuple[int, int] | None:
     if fields[0] != _LOCAL_SIGNATURE:
         return None
     name_len, extra_len = fields[9], fields[10]
-    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len, info.file_size
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+
+def _read_member(blob: _Slice, info: zipfile.ZipInfo) -> bytes | None:
+    start = _member_bytes_at(blob, info)
+    if start is None:
+        return None
+    blob.seek(start)
+    data = blob.read(info.file_size)
+    return data if len(data) == info.file_size else None
+
+
+def _stored_tensor(blob: _Slice) -> _StoredTensor | None:
+    """The layout and raw-byte location of the tensor in a ``torch.save`` zip blob, or ``None``
+    when the blob is not that simple (then DCP's own code reads it). Members are read through
+    their local headers, not ``ZipFile.read``: this runs once per item of every load."""
+    try:
+        with zipfile.ZipFile(blob) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError):
+        return None
+    data = [i for i in infos if "/data/" in i.filename and not i.filename.endswith("/")]
+    pkls = [i for i in infos if i.filename.endswith("/data.pkl")]
+    order = [i for i in infos if i.filename.endswith("/byteorder")]
+    if len(data) != 1 or len(pkls) != 1 or pkls[0].file_size > _MAX_RECORD_NBYTES:
+        return None
+    if order:
+        byteorder = _read_member(blob, order[0])
+        if byteorder is None or byteorder.decode(errors="replace") != sys.byteorder:
+            return None
+    elif sys.byteorder != "little":
+        return None
+    pkl = _read_member(blob, pkls[0])
+    record = _parse_tensor_record(pkl) if pkl is not None else None
+    if record is None or not data[0].filename.endswith(f"/data/{record.storage_key}"):
+        return None
+    start = _member_bytes_at(blob, data[0])
+    if start is None:
+        return None
+    return replace(record, data_offset=start, data_nbytes=data[0].file_size)
 
 
 def _saved_dtype(planner: LoadPlanner, req: ReadItem) -> torch.dtype | None:
@@ -115,6 +297,13 @@ class DirectFileSystemReader(FileSystemReader):
         super().__init__(path, **kwargs)
         self.fast_items = 0
         self.fallback_items = 0
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        """DCP's ``.metadata``, checked against the manifest and unpickled through the
+        allowlist (``ckptguard.safe_pickle``): DCP's own reader runs ``pickle.load`` on it."""
+        from ckptguard.safe_pickle import SafeFileSystemReader
+
+        return SafeFileSystemReader.read_metadata(self, *args, **kwargs)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[ReadItem]] = {}
@@ -151,13 +340,20 @@ class DirectFileSystemReader(FileSystemReader):
             or _saved_dtype(planner, req) != target.dtype
         ):
             return False
-        blob = _Slice(stream, info.offset, info.length)
-        record = _storage_record(blob)
-        if record is None or record[1] != target.numel() * target.element_size():
+        stored = _stored_tensor(_Slice(stream, info.offset, info.length))
+        nbytes = target.numel() * target.element_size()
+        if (
+            stored is None
+            or stored.storage_name != _STORAGE_NAMES.get(target.dtype)
+            or stored.size != tuple(target.shape)
+            or not stored.is_row_major_whole_storage()
+            or stored.data_nbytes != nbytes
+        ):
             return False
-        start, nbytes = record
+        start = stored.data_offset
         if nbytes:
-            dest = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+            # view(), not reshape(): a copy here would swallow the bytes without an error
+            dest = memoryview(target.view(-1).view(torch.uint8).numpy())
             done = 0
             fd = stream.fileno()
             while done < nbytes:

@@ -20,7 +20,11 @@ instead of committing a checkpoint that mixes two steps. (Writes through ``.data
 version counter; the contract is documented on ``CheckpointManager.save``.)
 
 On CUDA the buffers are pinned and the copy runs on a side stream ordered after the work queued
-on the caller's stream, so the device-to-host copy overlaps compute.
+on the caller's stream, so the device-to-host copy overlaps compute. The stream and the event
+that orders it are created on the device *of the tensors being staged*: the copy runs in a worker
+thread, whose current device is ``cuda:0`` whatever the trainer's ``set_device(local_rank)``
+said, so a default ``torch.cuda.Stream()`` there would put rank 1's copy on GPU 0's stream,
+ordered after nothing that rank 1 queued.
 
 Memory: after the first async save the buffers hold one CPU copy of the model + optimizer state
 until ``close()``, the same as DCP's ``cache_staged_state_dict=True``. Sync saves use none.
@@ -31,8 +35,8 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -57,6 +61,28 @@ class StagingError(CheckpointError):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def cuda_devices(tensors: Iterable[torch.Tensor]) -> list[torch.device]:
+    """The CUDA devices ``tensors`` live on, in first-seen order, each with its index (a
+    tensor's ``device`` always carries one). Streams and events for staging are made per
+    device from this, never from the calling thread's current device."""
+    seen: dict[torch.device, None] = {}
+    for t in tensors:
+        if t.is_cuda:
+            seen.setdefault(t.device, None)
+    return list(seen)
+
+
+def record_events(tensors: Iterable[torch.Tensor]) -> dict[torch.device, Any]:
+    """One CUDA event per device of ``tensors``, recorded on that device's current stream (the
+    trainer's): the background copy of that device's tensors waits for it, so it reads values
+    that the work queued before the save has finished writing."""
+    events = {}
+    for device in cuda_devices(tensors):
+        events[device] = torch.cuda.Event()
+        events[device].record(torch.cuda.current_stream(device))
+    return events
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -102,7 +128,7 @@ class BackgroundStager(AsyncStager):
         self._hook = (
             optimizer.register_step_pre_hook(self._before_step) if optimizer is not None else None
         )
-        self._stream: Any = None
+        self._streams: dict[torch.device, Any] = {}  # one copy stream per CUDA device
         self._used: set[str] = set()  # buffer names the current stage() uses
 
     # ---------------------------------------------------------------- AsyncStager protocol
@@ -121,13 +147,10 @@ class BackgroundStager(AsyncStager):
             done: Future = Future()
             done.set_result(staged)
             return done
-        event = None
-        if any(c.src.is_cuda for c in background):
-            event = torch.cuda.Event()
-            event.record()  # after the work already queued on the caller's stream
+        events = record_events(c.src for c in background)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptguard-stage")
-        future = self._executor.submit(self._copy_all, background, staged, event)
+        future = self._executor.submit(self._copy_all, background, staged, events)
         with self._lock:
             self._future = future
         return future
@@ -228,17 +251,32 @@ class BackgroundStager(AsyncStager):
             buf.copy_(t)
         return buf
 
-    def _copy_all(self, copies: list[_Copy], staged: dict[str, Any], event: Any) -> dict[str, Any]:
-        stream = None
-        if event is not None:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()
-            stream = self._stream
-            stream.wait_event(event)
-        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+    def _copy_stream(self, device: torch.device) -> Any:
+        """This stager's copy stream on ``device``, created there (not on the thread's device)."""
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _copy_all(
+        self, copies: list[_Copy], staged: dict[str, Any], events: dict[torch.device, Any]
+    ) -> dict[str, Any]:
+        """Copy in the worker thread: CUDA tensors on their own device's copy stream, ordered
+        after ``events[device]`` (recorded by ``stage`` on the caller's stream), then wait."""
+        used = []
+        with torch.no_grad():
             for c in copies:
-                c.dst.copy_(c.src, non_blocking=c.src.is_cuda)
-        if stream is not None:
+                if not c.src.is_cuda:
+                    c.dst.copy_(c.src)
+            for device in cuda_devices(c.src for c in copies):
+                stream = self._copy_stream(device)
+                stream.wait_event(events[device])
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    for c in copies:
+                        if c.src.is_cuda and c.src.device == device:
+                            c.dst.copy_(c.src, non_blocking=True)
+                used.append(stream)
+        for stream in used:
             stream.synchronize()
         changed = [c.name for c in copies if c.changed()]
         if changed:

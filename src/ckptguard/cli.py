@@ -53,7 +53,7 @@ def _print_json(obj: object) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from ckptguard.tools.inspect import inspect_path
 
-    info = inspect_path(args.path, step=args.step)
+    info = inspect_path(args.path, step=args.step, unsafe_pickle=args.unsafe_pickle)
     _print_json(info.to_dict()) if args.json else print(info.format())
     return 0
 
@@ -63,7 +63,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from ckptguard.tools.diff import diff_checkpoints
 
     report = diff_checkpoints(
-        args.a, args.b, atol=args.atol, rtol=args.rtol, ignore=args.ignore, verify=not args.no_verify
+        args.a, args.b, atol=args.atol, rtol=args.rtol, ignore=args.ignore, verify=not args.no_verify,
+        unsafe_pickle=args.unsafe_pickle,
     )
     _print_json(report.to_dict()) if args.json else print(report.format())
     return 0 if report.equal else 1
@@ -73,7 +74,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from ckptguard.tools.verify import verify_path
 
-    report = verify_path(args.path, step=args.step)
+    report = verify_path(args.path, step=args.step, unsafe_pickle=args.unsafe_pickle)
     _print_json(report.to_dict()) if args.json else print(report.format())
     return 0 if report.ok else 1
 
@@ -107,7 +108,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     report = export_model(
         args.path, args.out, step=args.step, dtype=args.dtype, fmt=args.format,
-        verify=not args.no_verify, overwrite=args.overwrite,
+        verify=not args.no_verify, overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle,
     )
     _print_json(report.to_dict()) if args.json else print(report.format_text())
     return 0
@@ -138,10 +139,19 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_audit)
 
 
+def _add_unsafe_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--unsafe-pickle", action="store_true",
+        help="unpickle DCP .metadata and old torch.save files without the allowlist of safe types: "
+             "they can run any code, so only for files you trust (docs/reliability.md, Security)",
+    )
+
+
 def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="list steps, versions and every stored tensor, by component")
     p.add_argument("path", help="a checkpoint directory (step-NNNNNNNN) or a root of them")
     p.add_argument("--step", type=int, default=None, help="step to detail in a root [newest]")
+    _add_unsafe_pickle(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
 
@@ -153,12 +163,14 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="skip keys matching GLOB, e.g. 'rank*.rng.*' (repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of A and B")
+    _add_unsafe_pickle(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_diff)
 
     p = sub.add_parser("verify", help="re-check every file against the checksums saved with it")
     p.add_argument("path", help="a checkpoint directory, or a root (verifies every complete step)")
     p.add_argument("--step", type=int, default=None, help="only this step of a root")
+    _add_unsafe_pickle(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_verify)
 
@@ -173,8 +185,7 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer-key", help="key of the optimizer state dict (dotted if nested)")
     p.add_argument("--scheduler-key", help="key of the LR scheduler state dict")
     p.add_argument("--no-meta", action="store_true", help="build the factory's objects on CPU")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="torch.load with weights_only=False (only for files you trust)")
+    _add_unsafe_pickle(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing step in NEW")
     p.add_argument("--dry-run", action="store_true", help="check and show the mapping; write nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -187,6 +198,7 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bfloat16, float16")
     p.add_argument("--format", choices=["pt", "safetensors"], default=None, help="[from OUT's suffix]")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    _add_unsafe_pickle(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_export)

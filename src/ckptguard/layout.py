@@ -12,6 +12,8 @@
         rank-00000.pt ...         per-rank state: RNG, dataloader, scheduler, extras
         ckptguard.json            manifest: metadata and a checksum of every file above
       .step-00000600.partial/     a save in progress (or one killed mid-way): never loaded
+      abandoned/branch-0001/      checkpoints a rollback set aside (``set_aside``), with a
+        branch.json ...           record of why; never listed, loaded, pruned or deleted
 
 A checkpoint is complete when, and only when, a directory named ``step-NNNNNNNN`` holds a
 ``ckptguard.json``. The manifest is written last inside the ``.partial`` directory, after every
@@ -19,19 +21,32 @@ data file has been fsynced; then the directory is renamed into place and the roo
 ``rename(2)`` is atomic, so a crash at any instant leaves either the old set of complete
 checkpoints or the old set plus the new one, never a half-written ``step-*``. Deletion runs the
 protocol backwards: rename to ``.step-*.deleting`` first, then remove, so that a crash while
-deleting cannot leave a ``step-*`` directory whose files are partly gone.
+deleting cannot leave a ``step-*`` directory whose files are partly gone. ``overwrite=True``
+swaps the new directory with the old ``step-*`` in one ``renameat2(RENAME_EXCHANGE)`` where the
+file system allows it, so even a reader that never runs ``recover`` sees old or new, complete.
+
+A rollback (``load(step=S)`` while newer checkpoints exist, then a save) moves every step after S
+out of the root in one logical step: an intent file ``.set-aside.json`` naming them is written
+first (atomically), and from then on ``complete_steps`` hides them; the renames follow, and the
+intent is removed last. A crash in between is finished by ``recover``, so no instant lets the
+abandoned branch be chosen as the latest checkpoint again, and S itself is never touched.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import functools
+import gc
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +63,10 @@ LOCK_NAME = ".ckptguard.lock"
 STEP_DIGITS = 8
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TRANSIENT_RE = re.compile(r"^\.step-(\d+)\.(partial|deleting|replaced)$")
+ABANDONED_DIR = "abandoned"
+BRANCH_RECORD = "branch.json"
+SET_ASIDE_INTENT = ".set-aside.json"
+_BRANCH_RE = re.compile(r"^branch-(\d+)$")
 
 
 def step_dirname(step: int) -> str:
@@ -79,6 +98,40 @@ def write_bytes_durably(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``);
+    ``False`` where the platform or file system cannot, and nothing was changed.
+
+    Why: replacing ``step-N`` with two renames leaves an instant with no ``step-N`` at all,
+    which a reader that does not run ``recover`` (a job that only loads) would take for a
+    missing checkpoint and resume from an older one, or from scratch.
+    """
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28 / not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def write_json_durably(path: str | os.PathLike, obj: Any) -> None:
@@ -144,6 +197,18 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     return bool(_STEP_RE.match(path.name)) and (path / MANIFEST_NAME).is_file()
 
 
+@dataclass
+class AbandonedBranch:
+    """Checkpoints a rollback set aside: ``ROOT/abandoned/<name>/step-*`` and its record."""
+
+    name: str
+    path: Path
+    rolled_back_to: int | None  # the step the new branch started from
+    steps: list[int] = field(default_factory=list)  # step directories present
+    set_aside_unix: float | None = None
+    reason: str = ""
+
+
 class CheckpointLayout:
     """Names and moves directories under one checkpoint root; knows nothing of tensors."""
 
@@ -165,7 +230,8 @@ class CheckpointLayout:
             m = _STEP_RE.match(entry.name)
             if m and entry.is_dir() and os.path.isfile(os.path.join(entry.path, MANIFEST_NAME)):
                 steps.append(int(m.group(1)))
-        return sorted(steps)
+        hidden = set(self._set_aside_intent().get("steps", []))  # a set-aside under way
+        return sorted(s for s in steps if s not in hidden)
 
     def transient_dirs(self) -> list[Path]:
         """Leftovers of saves or deletions that a crash interrupted."""
@@ -201,15 +267,23 @@ class CheckpointLayout:
         final = self.step_dir(step)
         replaced = None
         if final.exists():
-            # overwrite=True: move the old one aside first; until the rename below the old
-            # checkpoint stays complete under its .replaced name and is deleted only after.
+            fault_point("overwrite_replaced")
+            if exchange_paths(partial, final):
+                # overwrite=True in one atomic step: every instant shows a complete step-N, the
+                # old one before the swap, the new one after. The old one now has the .partial
+                # name; a crash before it is removed leaves it to recover().
+                fault_point("renamed")
+                fsync_dir(self.root)
+                shutil.rmtree(partial, ignore_errors=True)
+                return final
+            # No atomic swap on this file system: move the old one aside first; until the
+            # rename below it stays complete under its .replaced name (recover() puts it back
+            # after a crash; a reader that does not recover misses the step in between).
             replaced = self.root / f".{step_dirname(step)}.replaced"
             if replaced.exists():
                 shutil.rmtree(replaced)
             os.rename(final, replaced)
         try:
-            if replaced is not None:
-                fault_point("overwrite_replaced")
             os.rename(partial, final)
         except BaseException:
             # Put the old checkpoint back rather than leave the step missing until the next
@@ -268,8 +342,12 @@ class CheckpointLayout:
         A ``.replaced`` directory whose ``step-*`` is missing is the old checkpoint of an
         overwrite killed between its two renames: it is complete, so it is put back. Every other
         leftover (``.partial``, ``.deleting``, a ``.replaced`` whose successor is in place) is
-        removed.
+        removed. A set-aside that a crash interrupted is finished (``set_aside``).
         """
+        intent = self._set_aside_intent()
+        if intent:
+            logger.warning("finishing the set-aside of steps %s interrupted by a crash", intent["steps"])
+            self._finish_set_aside(intent)
         for path in self.transient_dirs():
             m = _TRANSIENT_RE.match(path.name)
             assert m is not None
@@ -301,48 +379,312 @@ class CheckpointLayout:
             self.delete(s)
         return doomed
 
+    # ------------------------------------------------------------------ rollback branches
+
+    def set_aside(self, after_step: int, reason: str) -> AbandonedBranch | None:
+        """Move every checkpoint after ``after_step`` to ``abandoned/branch-NNNN/`` (rank 0,
+        lock held); ``None`` if there is none.
+
+        After a rollback to ``after_step`` the newer checkpoints belong to a run the user
+        abandoned: left in place, "the highest step" would resume it. They are kept, since a
+        person may want to look at them, under names that nothing here lists, loads, prunes or
+        deletes. The intent file written first makes the move a single atomic step for every
+        reader (see the module docstring); the caller must call this before it renames the new
+        branch's first checkpoint into place.
+        """
+        steps = sorted({s for s in self.complete_steps() + self.steps_without_manifest() if s > after_step})
+        if not steps:
+            return None
+        base = self.root / ABANDONED_DIR
+        taken = [int(m.group(1)) for e in (os.scandir(base) if base.is_dir() else []) if (m := _BRANCH_RE.match(e.name))]
+        intent = {
+            "branch": f"branch-{max(taken, default=0) + 1:04d}", "rolled_back_to": after_step,
+            "steps": steps, "set_aside_unix": time.time(), "reason": reason,
+        }
+        write_json_durably(self.root / SET_ASIDE_INTENT, intent)  # from here on, steps are hidden
+        return self._finish_set_aside(intent)
+
+    def _finish_set_aside(self, intent: dict[str, Any]) -> AbandonedBranch:
+        """The renames of a set-aside whose intent is written; idempotent, so ``recover`` can
+        finish one that a crash interrupted."""
+        target = self.root / ABANDONED_DIR / intent["branch"]
+        target.mkdir(parents=True, exist_ok=True)
+        fsync_dir(target.parent)
+        fsync_dir(self.root)
+        if not (target / BRANCH_RECORD).is_file():
+            write_json_durably(target / BRANCH_RECORD, intent)
+        for step in intent["steps"]:
+            src, dst = self.step_dir(step), target / step_dirname(step)
+            if src.exists() and dst.exists():
+                raise CheckpointFormatError(
+                    f"cannot set {src} aside: {dst} exists already. Move one of them out of "
+                    f"{self.root} by hand, then delete {self.root / SET_ASIDE_INTENT}."
+                )
+            if src.exists():
+                os.rename(src, dst)
+        fsync_dir(target)
+        fsync_dir(self.root)
+        os.unlink(self.root / SET_ASIDE_INTENT)
+        fsync_dir(self.root)
+        return self._branch_info(target)
+
+    def _set_aside_intent(self) -> dict[str, Any]:
+        try:
+            with open(self.root / SET_ASIDE_INTENT, encoding="utf-8") as f:
+                intent = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # written atomically: damaged after the fact
+            raise CheckpointFormatError(
+                f"cannot read {self.root / SET_ASIDE_INTENT} ({e}): it names the checkpoints a "
+                "rollback is setting aside. Move the newer step-* directories it named out of the "
+                "root by hand, then delete it."
+            ) from e
+        return intent
+
+    def abandoned_branches(self) -> list[AbandonedBranch]:
+        """Every set of checkpoints a rollback set aside, oldest first."""
+        base = self.root / ABANDONED_DIR
+        if not base.is_dir():
+            return []
+        return [
+            self._branch_info(Path(e.path))
+            for e in sorted(os.scandir(base), key=lambda e: e.name)
+            if _BRANCH_RE.match(e.name) and e.is_dir()
+        ]
+
+    @staticmethod
+    def _branch_info(path: Path) -> AbandonedBranch:
+        try:
+            record = json.loads((path / BRANCH_RECORD).read_text())
+        except (OSError, ValueError):
+            record = {}
+        steps = sorted(int(m.group(1)) for e in os.scandir(path) if (m := _STEP_RE.match(e.name)) and e.is_dir())
+        return AbandonedBranch(
+            path.name, path, record.get("rolled_back_to"), steps, record.get("set_aside_unix"),
+            record.get("reason", ""),
+        )
+
+
+# Holder lines written into the lock file while the lock is held; a clean release empties the
+# file, so a holder line found by the next acquirer means its writer was killed (or never
+# released): that is what "a lock left by a dead process" is, since the kernel drops the flock
+# itself when the process dies.
+_HOLDER_RE = re.compile(r"pid=(\d+) host=(\S+)")
+# File systems on which flock may not reach other hosts (or not at all): a holder line naming
+# another host cannot be proven stale there, so it is refused with instructions.
+_NETWORK_FS = (
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
+    "9p", "afs", "ocfs2", "panfs", "wekafs", "fuse",
+)
+
+
+def _this_host() -> str:
+    return os.uname().nodename
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def filesystem_type(path: str | os.PathLike) -> str:
+    """The type (``ext4``, ``nfs4``, ``fuse.sshfs``...) of the mount holding ``path``; ``""``
+    when /proc/self/mountinfo cannot tell (not Linux)."""
+    target = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if " - " not in line or len(fields) < 5:
+                    continue
+                mount = fields[4].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, fstype = mount, line.split(" - ", 1)[1].split()[0]
+    except OSError:
+        return ""
+    return fstype
+
+
+def _is_network_fs(path: str | os.PathLike) -> bool:
+    fstype = filesystem_type(path)
+    return any(fstype == n or fstype.startswith(n + ".") for n in _NETWORK_FS)
+
+
+def open_no_follow(path: str | os.PathLike, flags: int, what: str) -> int:
+    """``os.open`` for ckptguard's own lock and marker files: never through a symbolic link
+    (someone else's link would make us write, or truncate, the file it points to), never a
+    FIFO or device (opening one blocks or does worse), created with mode ``0o666 & ~umask``
+    like any file the user creates (no world-writable files: the kernel applies the umask)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointLockedError(
+                f"{path} ({what}) is a symbolic link; ckptguard does not follow links for its "
+                "own files. Remove the link (it is not created by ckptguard) and retry."
+            ) from e
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointLockedError(
+            f"{path} ({what}) is not a regular file; remove it (ckptguard creates a plain file) "
+            "and retry."
+        )
+    return fd
+
 
 class RootLock:
-    """An exclusive ``flock`` on ``ROOT/.ckptguard.lock``, so two jobs never write one root.
+    """An exclusive ``flock`` on ``ROOT/.ckptguard.lock``: one writer per root.
 
-    flock locks belong to an open file description, so a second manager in the same process is
-    refused too. On file systems without flock support (some NFS setups) the lock is advisory
-    at best; the message says so when acquiring fails for that reason.
+    Only writers take it (``CheckpointManager`` at its first save, ``migrate``); loading and the
+    CLI's read-only tools never touch the file. flock locks belong to an open file description,
+    so a second writer in the same process is refused too; before refusing a holder that is
+    this very process, garbage is collected once, so that a manager which is unreachable but
+    sits in a reference cycle (a notebook cell run twice) lets go first.
+
+    While held, the file names its holder (``pid=... host=... since=...``); ``release`` empties
+    it. The kernel drops the flock of a killed process, but not that line: a line found on
+    acquiring names a holder that never released. On this host that is proven (we got the
+    flock) and taken over with a warning; naming another host on a network file system, where
+    flock may not reach across hosts, it is refused with how to clear it.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.path = Path(root) / LOCK_NAME
         self._fd: int | None = None
+        self._owner_pid: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock (idempotent); ``CheckpointLockedError`` naming the holder if taken."""
+        if self._fd is not None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._try_flock()
+        if fd is None:
+            gc.collect()  # a dropped manager of this process, kept only by a reference cycle
+            fd = self._try_flock()
+        if fd is None:
+            raise self._locked_error()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            holder = ""
-            try:
-                holder = self.path.read_text().strip()
-            except OSError:
-                pass
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise CheckpointLockedError(
-                    f"{self.path} is locked by another CheckpointManager ({holder or 'unknown holder'}). "
-                    "Two jobs writing one checkpoint root would interleave checkpoints: give each "
-                    "run its own root, or close() the other manager first."
-                ) from e
-            raise CheckpointLockedError(f"cannot lock {self.path}: {e}") from e
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid={os.getpid()} host={os.uname().nodename}\n".encode())
-        self._fd = fd
+            self._take_over_if_stale(fd)
+            line = f"pid={os.getpid()} host={_this_host()} since={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+            os.ftruncate(fd, 0)  # only now, with the lock held
+            os.pwrite(fd, line.encode(), 0)
+            os.fsync(fd)  # other hosts on a shared file system read the holder from here
+        except BaseException:
+            self._unlock(fd)
+            raise
+        self._fd, self._owner_pid = fd, os.getpid()
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        """Release the lock (idempotent; safe from a finalizer, in any thread).
+
+        In a forked child (a DataLoader worker) only the child's descriptor is closed: the
+        flock and the holder line belong to the parent, which still runs."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self._owner_pid != os.getpid():
+            os.close(fd)
+            return
+        try:
+            os.ftruncate(fd, 0)  # a clean release leaves no holder line behind
+        except OSError as e:
+            logger.warning("could not clear the holder of %s: %s", self.path, e)
+        self._unlock(fd)
 
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def holder(self) -> str:
+        """The holder line in the file (``""`` if none or unreadable)."""
+        try:
+            fd = open_no_follow(self.path, os.O_RDONLY, "the root's lock file")
+        except (OSError, CheckpointLockedError):
+            return ""
+        try:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ internals
+
+    def _try_flock(self) -> int | None:
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT, "the root's lock file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise CheckpointLockedError(
+                f"cannot lock {self.path}: {e}. The file system of {self.path.parent} "
+                f"({filesystem_type(self.path.parent) or 'unknown type'}) may not support flock "
+                "(some NFS mounts use 'nolock'); put the checkpoint root on one that does."
+            ) from e
+        return fd
+
+    def _locked_error(self) -> CheckpointLockedError:
+        holder = self.holder()
+        m = _HOLDER_RE.search(holder)
+        hint = "close() the other manager (or leave its with block), or give each run its own root."
+        if m and m.group(2) == _this_host():
+            pid = int(m.group(1))
+            if pid == os.getpid():
+                hint = (
+                    "It is another CheckpointManager of this process that is still reachable: "
+                    "close() it (or leave its with block) before saving with a new one."
+                )
+            elif not _pid_alive(pid):
+                hint = (
+                    f"pid {pid} is no longer running, but a process that inherited the lock "
+                    "(a DataLoader worker or another child it forked) still holds it; end that "
+                    "process and retry."
+                )
+        return CheckpointLockedError(
+            f"{self.path} is locked by another writer ({holder or 'holder unknown'}). Two jobs "
+            f"writing one checkpoint root would interleave checkpoints. {hint} Loading from the "
+            "root needs no lock: a manager that only calls load() is never refused."
+        )
+
+    def _take_over_if_stale(self, fd: int) -> None:
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if not previous:
+            return
+        if "since=" not in previous:  # ckptguard 0.1.0 never cleared its line: it proves nothing
+            logger.info("%s: replacing the holder line of an older ckptguard (%s)", self.path, previous)
+            return
+        m = _HOLDER_RE.search(previous)
+        host = m.group(2) if m else "?"
+        if host != _this_host() and _is_network_fs(self.path.parent):
+            raise CheckpointLockedError(
+                f"{self.path} names a writer on another host ({previous}) that never released "
+                f"it, and on this network file system ({filesystem_type(self.path.parent)}) "
+                "this host cannot tell whether that job still runs. If it has ended, delete "
+                f"{self.path} and retry; if it runs, give this job another root."
+            )
+        pid = int(m.group(1)) if m else -1
+        state = (
+            "was killed or exited without releasing it"
+            if host != _this_host() or not _pid_alive(pid)
+            else "no longer holds it (its process id now belongs to another process)"
+        )
+        logger.warning("taking over %s: its last holder (%s) %s", self.path, previous, state)
+
+    @staticmethod
+    def _unlock(fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -20,10 +20,15 @@ process group (see ``_dist.new_cpu_group``).
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import os
 import pickle
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +54,7 @@ from ckptguard.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointFormatError,
+    CheckpointLockedError,
     CheckpointNotFoundError,
     CommitError,
     StateMismatchError,
@@ -56,13 +62,16 @@ from ckptguard.errors import (
 from ckptguard.guard.resume_guard import ResumeGuard
 from ckptguard.integrity import verify_files
 from ckptguard.layout import (
+    ABANDONED_DIR,
     MANIFEST_NAME,
     CheckpointLayout,
     RootLock,
     manifest_header,
     read_checked_manifest,
+    step_dirname,
 )
 from ckptguard.restore import is_read_failure, load_rank_file
+from ckptguard.safe_pickle import SafeLoadPlanner, unsafe_pickle_cause
 from ckptguard.states import (
     MODEL,
     OPTIMIZER,
@@ -74,6 +83,70 @@ from ckptguard.states import (
 
 logger = logging.getLogger(__name__)
 
+
+# Groups of managers that were garbage collected, destroyed by the next manager created or
+# closed in this process: a finalizer may run in any thread, in the middle of
+# torch.distributed's own bookkeeping, so it only queues them.
+_dropped_groups: list[Any] = []
+_dropped_groups_lock = threading.Lock()
+
+
+# This process's writer of each root (rank 0), to let a temporary's async save finish first.
+_writers: weakref.WeakValueDictionary[str, CheckpointManager] = weakref.WeakValueDictionary()
+
+
+def _destroy_dropped_groups() -> None:
+    with _dropped_groups_lock:
+        groups = list(_dropped_groups)
+        _dropped_groups.clear()
+    for group in groups:
+        _dist.destroy_group(group)
+
+
+class _Resources:
+    """What a manager holds that reference counting alone does not free: the root's writer
+    lock (rank 0), its two gloo groups, the commit thread, the async stager (threads, an
+    optimizer hook, a host copy of the state) and the trace file.
+
+    Kept apart from the manager so that ``weakref.finalize`` can release them when the manager
+    is garbage collected without keeping it alive: a notebook cell run twice, or
+    ``CheckpointManager(...).save(n)`` as a temporary, must not leave the root locked. No
+    ``__del__``: a finalizer that waits or runs collectives could deadlock.
+    """
+
+    def __init__(self, lock: RootLock | None) -> None:
+        self.lock = lock
+        self.groups: list[Any] = []
+        self.executor: ThreadPoolExecutor | None = None
+        self.stager: BackgroundStager | None = None
+        self.closers: list[Callable[[], None]] = []
+
+    def release(self, *, dropped: bool) -> None:
+        """Free everything. ``dropped`` (garbage collected, or alive at exit): wait for no thread
+        and queue the groups for the next manager, since this may run in any thread."""
+        steps: list[tuple[str, Callable[[], None]]] = [(f"closing {c}", c) for c in self.closers]
+        on_stager_thread = threading.current_thread().name.startswith("ckptguard-stage")
+        if self.stager is not None and not (dropped and on_stager_thread):
+            # (collected on the stager's own thread, close() would wait for itself)
+            steps.append(("closing the async stager", self.stager.close))
+        if self.executor is not None:
+            steps.append(("stopping the commit thread",
+                          functools.partial(self.executor.shutdown, wait=not dropped)))
+        if self.lock is not None:
+            steps.append((f"releasing {self.lock.path}", self.lock.release))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - free the rest; a finalizer cannot raise
+                logger.warning("%s failed: %s", what, describe_error(e))
+        self.closers, self.stager, self.executor = [], None, None
+        groups, self.groups = self.groups, []
+        if dropped:
+            with _dropped_groups_lock:
+                _dropped_groups.extend(groups)
+        else:
+            for group in groups:
+                _dist.destroy_group(group)
 
 
 @dataclass
@@ -109,6 +182,13 @@ class CheckpointManager:
             earlier run's (0: exact).
 
     Every rank must construct the manager and call ``save``/``load``/``wait`` at the same points.
+
+    Lifecycle: constructing a manager writes nothing and takes no lock, so a process that only
+    loads (an eval job beside the trainer, a notebook) is never refused and never blocks the
+    writer. The first ``save`` makes it the root's writer: rank 0 takes the root's lock
+    (``CheckpointLockedError`` if another live writer has it) and removes what interrupted
+    saves left. ``close()``, leaving the ``with`` block, garbage collection of the manager and
+    process exit release the lock, the process groups and the threads.
     """
 
     def __init__(
@@ -144,45 +224,142 @@ class CheckpointManager:
         self.optimizer = optimizer
         self.rank = _dist.get_rank()
         self.world_size = _dist.get_world_size()
+        self._closed = False
+        self._writing = False  # became the root's writer (first save); same on every rank
+        # The root's writer lock, taken by the first save (see _become_writer), not here.
+        self._lock = RootLock(self.root) if self.rank == 0 else None
+        self._resources = _Resources(self._lock)
+        self._finalizer = weakref.finalize(self, self._resources.release, dropped=True)
+        _destroy_dropped_groups()
         self._group = _dist.new_cpu_group()
         self._dcp_group = _dist.new_cpu_group()
+        self._resources.groups += [self._group, self._dcp_group]
         self.guard = ResumeGuard(
             root=self.root, model=model, optimizer=optimizer, rank_states=self._rank_states,
             rank=self.rank, world_size=self.world_size,
-            gather=lambda obj: _dist.all_gather_object(obj, self._group), strict=strict,
+            # no lambda over self: a reference cycle would keep a dropped manager (and the
+            # root's lock) alive until the cyclic collector runs
+            gather=functools.partial(_dist.all_gather_object, group=self._group), strict=strict,
             allow_lr_change=allow_lr_change, global_batch_size=global_batch_size,
             grad_accum_steps=grad_accum_steps, trace_rtol=trace_rtol,
         )
         self.last_report = None  # the GuardReport of the last load() that found a checkpoint
+        self._resources.closers.append(self.guard.close)
         self._pending: _PendingSave | None = None
-        self._stager: BackgroundStager | None = None  # async saves' staging buffers, kept
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = RootLock(self.root) if self.rank == 0 else None
-        self._closed = False
-        self._on_rank0_then_all(self._open_root)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _open_root(self) -> None:
+    # The async stager (its buffers are kept between saves) and the commit thread are created
+    # by the first async save; they live in _resources so that a finalizer can free them.
+    @property
+    def _stager(self) -> BackgroundStager | None:
+        return self._resources.stager
+
+    @_stager.setter
+    def _stager(self, stager: BackgroundStager | None) -> None:
+        self._resources.stager = stager
+
+    @property
+    def _executor(self) -> ThreadPoolExecutor | None:
+        return self._resources.executor
+
+    @_executor.setter
+    def _executor(self, executor: ThreadPoolExecutor | None) -> None:
+        self._resources.executor = executor
+
+    def _ensure_writer(self) -> None:
+        """Every rank, at each save: the first makes rank 0 the root's writer (one broadcast),
+        so that a refused writer fails before it writes anything, not even a trace line."""
+        if not self._writing:
+            self._on_rank0_then_all(self._become_writer)
+            self._writing = True
+
+    def _become_writer(self) -> None:
+        """Take the root's writer lock (rank 0, first save; idempotent).
+
+        Only a writer may remove leftovers (``recover``): a reader that did would delete the
+        running writer's ``.partial`` directory under it."""
+        if self._lock is None or self._lock.held:  # not rank 0, or the writer already
+            return
+        try:
+            self._lock.acquire()
+        except CheckpointLockedError:
+            if not self._await_dropped_writer():
+                raise
+            self._lock.acquire()
+        _writers[os.path.realpath(self.root)] = self
+        logger.info("%s: this process is now the writer of %s", self._lock.path, self.root)
+
+    def _await_dropped_writer(self, linger_s: float = 2.0) -> bool:
+        """True once this process's previous writer of the root is gone.
+
+        ``CheckpointManager(...).save(n, blocking=False)`` as a temporary: the manager lives
+        until its background commit ends (the commit thread holds it), then is collected and
+        lets go of the lock. Wait for that commit; a writer the user still holds stays."""
+        other = _writers.get(os.path.realpath(self.root))
+        if other is None or other is self or other._pending is None:
+            return False
+        try:
+            other._pending.future.result()
+        except BaseException:  # noqa: BLE001 - its own wait() (never called, if dropped) reports it
+            pass
+        ref = weakref.ref(other)
+        del other
+        deadline = time.monotonic() + linger_s  # the thread drops its reference just after
+        while ref() is not None and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        return ref() is None
+
+    def _quarantine_damaged(self, step: int) -> Path | None:
+        """Move a damaged checkpoint aside for ``load(fallback=True)`` (rank 0): a write, so
+        done as the root's writer. A reader takes the lock only for the rename and, if a
+        writer runs, leaves the checkpoint in place (``None``) rather than wait or fail."""
         assert self._lock is not None
-        self._lock.acquire()
-        self.layout.recover()
+        borrowed = not self._lock.held
+        if borrowed:
+            try:
+                self._lock.acquire()
+            except CheckpointLockedError as e:
+                logger.warning("%s is damaged; left in place: %s", self.layout.step_dir(step), e)
+                return None
+        try:
+            return self.layout.quarantine(step)
+        finally:
+            if borrowed:
+                self._lock.release()
+
+    def _load_complete_step(self, step_dir: Path, strict: bool) -> None:
+        """``_load_step``, naming a checkpoint that the writer's retention deleted while this
+        process read it (a reader beside a running trainer with ``keep_last``).
+
+        Retention renames ``step-N`` to ``.step-N.deleting`` and then removes it: files already
+        open stay readable, files opened later are missing. What was read is never garbage,
+        but the load is incomplete; this says so instead of reporting damage."""
+        try:
+            self._load_step(step_dir, strict)
+        except (CheckpointError, OSError) as e:
+            if (step_dir / MANIFEST_NAME).is_file():
+                raise
+            raise CheckpointNotFoundError(
+                f"step {step_dir.name} ({step_dir}) was deleted while it was being loaded, by the "
+                f"retention (keep_last) of the process writing {self.root}. The live objects may "
+                "be partly restored from it: call load() again, which loads the newest complete "
+                "checkpoint."
+            ) from e
 
     def close(self) -> None:
-        """Finish a pending async save and release the root's lock. Idempotent."""
+        """Finish a pending async save, then release the root's lock (if this manager saved),
+        its process groups and threads. Idempotent; every rank must call it."""
         if self._closed:
             return
         try:
             self.wait()
         finally:
             self._closed = True
-            self.guard.close()
-            if self._stager is not None:
-                self._stager.close()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-            if self._lock is not None:
-                self._lock.release()
+            self._finalizer.detach()
+            self._resources.release(dropped=False)
+            _destroy_dropped_groups()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -202,6 +379,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
+    # The step S of a rollback: set by load(step=S) when newer complete checkpoints exist; the
+    # next save's commit sets those aside (rank 0 acts on it; see _set_aside_abandoned).
+    _rollback_from: int | None = None
+
     def save(
         self, step: int, *, blocking: bool = True, overwrite: bool = False,
         micro_step: int = 0, allow_mid_accumulation: bool = False,
@@ -220,6 +401,7 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
+        self._ensure_writer()
         guard_info = self.guard.before_save(
             step, micro_step=micro_step, allow_mid_accumulation=allow_mid_accumulation
         )
@@ -323,9 +505,12 @@ class CheckpointManager:
     def _prepare_partial(self, step: int, overwrite: bool) -> Path:
         # Leftovers of a save that failed in this process (e.g. on a full disk) go now, not at
         # the next start; recover() also puts back a checkpoint an interrupted overwrite moved.
+        self._become_writer()
         try:
             self.layout.recover()
-            return self.layout.prepare_partial(step, overwrite)
+            # after a rollback, a step the abandoned run saved is set aside at commit, not replaced
+            rollback = self._rollback_from is not None and step > self._rollback_from
+            return self.layout.prepare_partial(step, overwrite or rollback)
         except OSError as e:
             raise CommitError(
                 f"cannot create {self.layout.partial_dir(step)}: {e}. Nothing was written; the "
@@ -337,6 +522,7 @@ class CheckpointManager:
         try:
             manifest["files"] = collect_done_records(partial, self.world_size, self.commit_timeout_s)
             manifest["committed_unix"] = time.time()
+            self._set_aside_abandoned(step)  # before the rename: a crash then resumes from S
             fault_point("commit_start")
             path = self.layout.commit(step, manifest)
         except OSError as e:
@@ -359,6 +545,35 @@ class CheckpointManager:
             # it was lost. Leftover .deleting directories are removed by the next save.
             logger.warning("retention: could not delete old checkpoints under %s: %s", self.root, e)
         return path
+
+    def _set_aside_abandoned(self, step: int) -> None:
+        """The first commit after a rollback to S moves every checkpoint after S out of the
+        root (rank 0), so that "the latest checkpoint" is the new branch's from now on.
+
+        It runs once the new checkpoint's files are durable and before its rename: a crash in
+        between leaves S as the latest, never the abandoned branch (``layout.set_aside``).
+        """
+        start = self._rollback_from
+        if start is None:
+            return
+        try:
+            branch = self.layout.set_aside(
+                start, reason=f"load(step={start}) then save({step}): a new branch from step {start}"
+            )
+        except OSError as e:
+            raise CommitError(
+                f"could not set aside the checkpoints after step {start} under {self.root} "
+                f"(a rollback to step {start}): {e}. Step {step} was not committed; the next "
+                "save, or the next start, finishes the set-aside."
+            ) from e
+        self._rollback_from = None
+        if branch is not None:
+            logger.warning(
+                "rollback: set aside steps %s of the abandoned run under %s, because the run "
+                "went back to step %d (load(step=%d)) and saved step %d; load() resumes the new "
+                "branch from now on, and ckptguard never loads, prunes or deletes them",
+                ", ".join(map(str, branch.steps)), branch.path, start, start, step,
+            )
 
     def _manifest_header(self, step: int, mode: str) -> dict[str, Any]:
         opt = self.optimizer
@@ -388,6 +603,13 @@ class CheckpointManager:
         WARNING naming it and its damage, move it aside to ``step-N.damaged`` (kept for
         inspection; it would otherwise block a new save of that step) and load the previous
         complete one, and so on. Without it a damaged checkpoint raises.
+
+        ``step=S`` while newer complete checkpoints exist is a rollback (e.g. after a loss
+        spike): the next ``save`` starts a new branch from S. Its commit first moves every
+        checkpoint after S to ``ROOT/abandoned/branch-NNNN/`` (kept; never loaded, pruned or
+        deleted), so it may reuse their step numbers and a later plain ``load()`` resumes the new
+        branch; the run trace treats the steps after S as a new branch, not a divergence. A
+        rollback followed by another ``load`` instead of a save changes nothing on disk.
         """
         if fallback and step is not None:
             raise ValueError(
@@ -396,6 +618,7 @@ class CheckpointManager:
             )
         self._check_open()
         self.wait()
+        self._rollback_from = None  # a rollback not followed by a save is forgotten
         started = time.monotonic()
         candidates = self._on_rank0_then_all(
             lambda: self._candidate_steps(step, fallback), error=CheckpointNotFoundError
@@ -407,7 +630,7 @@ class CheckpointManager:
         for chosen in candidates:
             step_dir = self.layout.step_dir(chosen)
             try:
-                self._load_step(step_dir, strict)
+                self._load_complete_step(step_dir, strict)
             except (CheckpointCorruptError, CheckpointFormatError) as e:
                 damaged.append(str(e))
                 if chosen == candidates[-1]:
@@ -417,15 +640,35 @@ class CheckpointManager:
                         f"no complete checkpoint under {self.root} could be loaded:\n"
                         + "\n".join(damaged)
                     ) from e
-                moved = self._on_rank0_then_all(lambda s=chosen: self.layout.quarantine(s))
+                moved = self._on_rank0_then_all(lambda s=chosen: self._quarantine_damaged(s))
                 logger.warning(
                     "fallback: %s is damaged and was moved aside to %s; loading the previous "
-                    "complete checkpoint instead. The damage: %s", step_dir, moved, e,
+                    "complete checkpoint instead. The damage: %s", step_dir,
+                    moved or "nowhere (another process writes this root)", e,
                 )
                 continue
             logger.info("loaded %s in %.2fs", step_dir, time.monotonic() - started)
+            if step is not None:
+                self._start_branch_if_rollback(chosen)
             return chosen
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _start_branch_if_rollback(self, loaded: int) -> None:
+        """``load(step=S)`` while newer checkpoints exist is a rollback (e.g. after a loss
+        spike): the training from S on is a new branch. Its first save sets the newer
+        checkpoints aside (``_set_aside_abandoned``) and the run trace stops comparing it with
+        the abandoned run, whose steps after S it is expected to differ from."""
+        newer = self._on_rank0_then_all(lambda: [s for s in self.layout.complete_steps() if s > loaded])
+        if not newer:
+            return
+        self._rollback_from = loaded
+        self.guard.start_branch(loaded, newer)
+        if self.rank == 0:
+            logger.info(
+                "loaded step %d although newer checkpoints exist (steps %s): a rollback. The next "
+                "save starts a new branch from step %d and sets those aside under %s",
+                loaded, ", ".join(map(str, newer)), loaded, self.root / ABANDONED_DIR,
+            )
 
     def _candidate_steps(self, step: int | None, fallback: bool) -> list[int]:
         """The steps ``load`` may try, in order (rank 0)."""
@@ -452,17 +695,27 @@ class CheckpointManager:
         if self.verify_on_load:
             self._verify(step_dir, manifest)
 
-        template = self._tensor_state.state_dict()
+        from ckptguard.guard.statecheck import read_saved_keys
+
         try:
-            report = self.guard.before_load(manifest["step"], step_dir, manifest, template, strict_keys=strict)
-        except (OSError, EOFError, pickle.UnpicklingError) as e:  # it reads DCP's .metadata
+            saved_keys = read_saved_keys(step_dir)  # DCP's .metadata
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
             raise self._unreadable(step_dir, e) from e
+        # Asks for exactly the optimizer state the checkpoint holds, gradients or not (see
+        # ModelOptimizerState.load_template); the user's .grad stay as they were.
+        template = self._tensor_state.load_template(saved_keys)
+        report = self.guard.before_load(
+            manifest["step"], step_dir, manifest, template, strict_keys=strict, saved_keys=saved_keys
+        )
         try:
             with quiet_no_dist():
                 # reads each tensor straight into the live one (see _reader): the files were
                 # just read to verify them, so this is one copy from the page cache
-                dcp.load(template, storage_reader=DirectFileSystemReader(step_dir), **self._dcp_kwargs())
+                dcp.load(template, storage_reader=DirectFileSystemReader(step_dir),
+                         planner=SafeLoadPlanner(), **self._dcp_kwargs())  # values: weights_only
         except (Exception, dcp.CheckpointException) as e:  # the latter is a BaseException
+            if (refused := unsafe_pickle_cause(e)) is not None:
+                raise refused from e  # a value in the shards that only plain pickle would read
             if is_read_failure(e):
                 raise self._unreadable(step_dir, e) from e
             raise StateMismatchError(
@@ -494,6 +747,12 @@ class CheckpointManager:
                 "committed, or it was damaged)"
                 if step in self.layout.steps_without_manifest() else ""
             )
+            aside = [str(b.path / step_dirname(step)) for b in self.layout.abandoned_branches() if step in b.steps]
+            if aside:
+                why += (
+                    f" (a rollback set it aside as {aside[-1]}: it belongs to an abandoned branch; "
+                    f"to resume it, move it back to {self.layout.step_dir(step)} by hand)"
+                )
             raise CheckpointNotFoundError(
                 f"no complete checkpoint for step {step} under {self.root}{why}; complete steps: "
                 f"{steps or 'none'}"

@@ -35,6 +35,7 @@ from torch import nn
 from ckptguard.errors import CheckpointExistsError, CheckpointFormatError, StateMismatchError
 from ckptguard.integrity import hash_files
 from ckptguard.layout import CheckpointLayout, RootLock, manifest_header, rank_filename
+from ckptguard.safe_pickle import honours_unsafe_pickle
 from ckptguard.states import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, RNG
 from ckptguard.tools._progress import progress
 from ckptguard.tools.legacy import LegacyState, read_legacy
@@ -378,6 +379,7 @@ def _header(step: int, legacy: LegacyState, optimizer: Any, groups: list[dict], 
     return header
 
 
+@honours_unsafe_pickle
 def migrate(
     old: str | os.PathLike,
     new: str | os.PathLike,
@@ -474,13 +476,25 @@ def load_factory(spec: str) -> Any:
         if not file.is_file():
             raise ValueError(f"--factory {spec!r}: {file} does not exist")
         mod_spec = importlib.util.spec_from_file_location(file.stem, file)
-        assert mod_spec is not None and mod_spec.loader is not None
+        if file.suffix != ".py" or mod_spec is None or mod_spec.loader is None:
+            raise ValueError(
+                f"--factory {spec!r}: {file} is not a Python file; expected path/to/file.py:function "
+                "or package.module:function"
+            )
         module = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(module)
     else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # like `python -m`: modules next to you import
-        module = importlib.import_module(module_name)
+        # Like `python -m`, modules next to you import; but only for this import: a working
+        # directory left on sys.path would shadow later imports (a stray torch.py, say).
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
+        try:
+            module = importlib.import_module(module_name)
+        finally:
+            if added and cwd in sys.path:
+                sys.path.remove(cwd)
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ValueError(f"--factory {spec!r}: {module_name} has no callable '{fn_name}'")
@@ -488,20 +502,24 @@ def load_factory(spec: str) -> Any:
 
 
 def build_from_factory(spec: str, meta: bool = True) -> tuple[nn.Module, torch.optim.Optimizer | None]:
-    """Call the factory (on the meta device when it allows) and split what it returns.
+    """Call the factory once (on the meta device unless ``meta=False``) and split what it returns.
 
     Only names, shapes, dtypes and param-group membership are read from the objects, so meta
     tensors suffice and a large model costs no memory.
     """
     fn = load_factory(spec)
-    out = None
+    # Called exactly once: a factory may have side effects (open a run, allocate a GPU), so a
+    # failure on the meta device is reported with the way out instead of retried.
     if meta:
         try:
             with torch.device("meta"):
                 out = fn()
-        except Exception as e:  # noqa: BLE001 - some factories need real tensors; retry below
-            logger.warning("factory %s failed on the meta device (%s); building on CPU", spec, e)
-    if out is None:
+        except Exception as e:
+            raise ValueError(
+                f"--factory {spec!r} failed on the meta device ({type(e).__name__}: {e}); if it "
+                "needs real tensors, pass --no-meta (Python: build_from_factory(spec, meta=False))"
+            ) from e
+    else:
         out = fn()
     if isinstance(out, nn.Module):
         return out, None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ckptguard import CheckpointManager
-from ckptguard._staging import BackgroundStager
+from ckptguard._staging import BackgroundStager, cuda_devices, record_events
 from ckptguard.demo import TinyLM, build_optimizer
 from ckptguard.errors import CommitError
 from tests._helpers import assert_tensors_equal, clone_tensors, optimizer_tensors, train_steps
@@ -210,3 +210,162 @@ def test_cuda_state_is_staged_into_pinned_memory_and_saved_exactly(tmp_path, gat
     assert_tensors_equal(
         saved_opt, {k: v.cpu() for k, v in optimizer_tensors(fresh_opt).items()}, "optimizer"
     )
+
+
+# ---------------------------------------------------------------------- CUDA device selection
+# The copy runs in a worker thread whose current CUDA device is cuda:0 whatever the trainer set;
+# streams and events must come from the staged tensors' device (issue 11, point 4).
+
+
+class _FakeCudaTensor:
+    """Stands in for a CUDA tensor where only ``is_cuda`` and ``device`` are read."""
+
+    def __init__(self, index: int) -> None:
+        self.is_cuda = True
+        self.device = torch.device("cuda", index)
+
+
+class _FakeCuda:
+    """Records which device each stream/event was made on and used under (no CUDA needed)."""
+
+    def __init__(self) -> None:
+        self.current_device = torch.device("cuda", 0)  # a worker thread's default
+        self.current_stream = None
+        self.log: list[tuple] = []
+        cuda = self
+
+        class Stream:
+            def __init__(self, device=None) -> None:
+                self.device = torch.device(device) if device is not None else cuda.current_device
+                cuda.log.append(("stream", self.device))
+
+            def wait_event(self, event) -> None:
+                cuda.log.append(("wait", self.device, event.device))
+
+            def synchronize(self) -> None:
+                cuda.log.append(("synchronize", self.device))
+
+        class Event:
+            def __init__(self) -> None:
+                self.device = None
+
+            def record(self, stream=None) -> None:
+                self.device = stream.device if stream is not None else cuda.current_device
+                cuda.log.append(("record", self.device))
+
+        self.Stream, self.Event = Stream, Event
+
+    def current_stream_of(self, device=None):
+        return self.Stream(device if device is not None else self.current_device)
+
+    def device_ctx(self, device):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            before, self.current_device = self.current_device, torch.device(device)
+            try:
+                yield
+            finally:
+                self.current_device = before
+
+        return ctx()
+
+    def stream_ctx(self, stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            before, self.current_stream = self.current_stream, stream
+            try:
+                yield
+            finally:
+                self.current_stream = before
+
+        return ctx()
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch) -> _FakeCuda:
+    fake = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "Stream", fake.Stream)
+    monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", fake.current_stream_of)
+    monkeypatch.setattr(torch.cuda, "device", fake.device_ctx)
+    monkeypatch.setattr(torch.cuda, "stream", fake.stream_ctx)
+    return fake
+
+
+def test_devices_come_from_the_tensors_not_the_current_device():
+    tensors = [_FakeCudaTensor(1), torch.zeros(2), _FakeCudaTensor(3), _FakeCudaTensor(1)]
+    assert cuda_devices(tensors) == [torch.device("cuda", 1), torch.device("cuda", 3)]
+    assert cuda_devices([torch.zeros(1)]) == []
+
+
+def test_events_are_recorded_on_the_tensors_device(fake_cuda):
+    events = record_events([_FakeCudaTensor(1), _FakeCudaTensor(1)])
+    assert list(events) == [torch.device("cuda", 1)]
+    assert events[torch.device("cuda", 1)].device == torch.device("cuda", 1)
+    assert ("record", torch.device("cuda", 0)) not in fake_cuda.log
+
+
+def test_copy_stream_is_created_waited_on_and_synchronized_on_the_tensors_device(fake_cuda):
+    """The worker thread's current device is cuda:0; rank 1's tensors live on cuda:1."""
+    device = torch.device("cuda", 1)
+    seen = []
+
+    class Dst:
+        def copy_(self, src, non_blocking=False) -> None:
+            seen.append((fake_cuda.current_device, fake_cuda.current_stream.device, non_blocking))
+
+    class Copy:
+        name, src, dst = "w", _FakeCudaTensor(1), Dst()
+
+        def changed(self) -> bool:
+            return False
+
+    stager = BackgroundStager(None)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    fake_cuda.log.clear()
+    stager._copy_all([Copy(), Copy()], {}, {device: event})
+    assert fake_cuda.log == [("stream", device), ("wait", device, device), ("synchronize", device)]
+    assert seen == [(device, device, True)] * 2
+    stager._copy_all([Copy()], {}, {device: event})  # the stream is kept from save to save
+    assert [e for e in fake_cuda.log if e[0] == "stream"] == [("stream", device)]
+
+
+def _stage_on_own_device(rank: int, root: str, results) -> None:
+    """One process of the 2-GPU test: a trainer on ``cuda:rank`` that saves asynchronously."""
+    torch.cuda.set_device(rank)
+    torch.manual_seed(rank)
+    model = TinyLM(dim=64, hidden=256, dropout=0.0).cuda()
+    optimizer = build_optimizer(model)
+    _cuda_steps(model, optimizer, 2, seed=rank)
+    saved_model, saved_opt = ({k: v.cpu() for k, v in d.items()} for d in _snapshot(model, optimizer))
+    root = f"{root}/rank{rank}"  # two independent trainers, one per GPU
+    with CheckpointManager(root, model=model, optimizer=optimizer) as mgr:
+        mgr.save(2, blocking=False)
+        _cuda_steps(model, optimizer, 2, seed=rank + 10)  # step() waits for the copy
+        mgr.wait()
+        stream_devices = sorted(str(d) for d in mgr._stager._streams)
+    torch.manual_seed(100 + rank)
+    fresh = TinyLM(dim=64, hidden=256, dropout=0.0).cuda()
+    fresh_opt = build_optimizer(fresh)
+    with CheckpointManager(root, model=fresh, optimizer=fresh_opt) as mgr:
+        mgr.load(2)
+    assert_tensors_equal(saved_model, {k: v.cpu() for k, v in fresh.state_dict().items()}, "model")
+    assert_tensors_equal(saved_opt, {k: v.cpu() for k, v in optimizer_tensors(fresh_opt).items()}, "optimizer")
+    results[rank] = stream_devices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_processes_on_distinct_devices_stage_on_their_own_device(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_stage_on_own_device, args=(str(tmp_path), results), nprocs=2, join=True)
+        results = dict(results)
+    assert results == {0: ["cuda:0"], 1: ["cuda:1"]}

@@ -288,11 +288,17 @@ def test_keep_last_zero_is_rejected(tmp_path):
         pass
 
 
-def test_second_manager_on_the_same_root_is_refused(tmp_path):
+def test_second_writer_on_the_same_root_is_refused(tmp_path):
+    """The lock belongs to writers: a second manager may be built (it could be a reader), but
+    its first save is refused while the first manager is a live writer."""
     model, optimizer, _ = make_training_objects()
     first = CheckpointManager(tmp_path, model=model, optimizer=optimizer)
+    second = CheckpointManager(tmp_path, model=model, optimizer=optimizer)
+    first.save(1)
     with pytest.raises(CheckpointLockedError, match="locked"):
-        CheckpointManager(tmp_path, model=model, optimizer=optimizer)
+        second.save(2)
+    assert first.steps() == [1]
+    second.close()
     first.close()
     first.close()  # idempotent
     with CheckpointManager(tmp_path, model=model, optimizer=optimizer):

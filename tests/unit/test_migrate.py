@@ -425,7 +425,8 @@ def test_existing_step_is_not_overwritten_unless_asked(old_ckpt, tmp_path):
 def test_destination_held_by_a_running_manager_is_refused(old_ckpt, tmp_path):
     path, _ = old_ckpt
     model, opt, _ = build_tied_training()
-    with CheckpointManager(tmp_path / "new", model=model, optimizer=opt):
+    with CheckpointManager(tmp_path / "new", model=model, optimizer=opt) as running:
+        running.save(1)  # a manager becomes the root's writer at its first save
         with pytest.raises(CheckpointLockedError):
             migrate(path, tmp_path / "new", **_meta_kw())
 
@@ -466,19 +467,27 @@ def test_factory_builds_on_meta_device():
     assert model.embed.weight.is_meta and opt is not None
 
 
-def test_factory_that_needs_real_tensors_falls_back_to_cpu(tmp_path):
+def test_factory_that_needs_real_tensors_is_called_once_and_names_no_meta(tmp_path):
+    """A factory may have side effects (open a run, allocate a GPU): it is called exactly once.
+    A failure on the meta device names --no-meta instead of silently calling it again on CPU."""
+    calls = tmp_path / "calls.txt"
     mod = tmp_path / "needs_cpu.py"
     mod.write_text(
         "import torch\n"
         "from tests._helpers import TiedLM\n"
         "def build():\n"
+        f"    open({str(calls)!r}, 'a').write('x')\n"
         "    m = TiedLM()\n"
         "    assert not m.embed.weight.is_meta, 'refuses meta'\n"
         "    return m\n"
     )
+    with pytest.raises(ValueError, match="--no-meta"):
+        build_from_factory(f"{mod}:build")
+    assert calls.read_text() == "x"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, opt = build_from_factory(f"{mod}:build")
+        model, opt = build_from_factory(f"{mod}:build", meta=False)
+    assert calls.read_text() == "xx"
     assert not model.embed.weight.is_meta and opt is None
 
 

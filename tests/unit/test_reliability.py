@@ -386,9 +386,11 @@ def test_second_manager_on_the_same_root_is_refused(tmp_path):
     first = build(root)
     first.advance(1)
     first.mgr.save(1)
+    refused = build(root, seed=1)  # constructing (and loading) needs no lock; saving does
     with pytest.raises(CheckpointLockedError) as err:
-        build(root, seed=1)
+        refused.mgr.save(5)
     assert str(root / ".ckptguard.lock") in str(err.value) and f"pid={os.getpid()}" in str(err.value)
+    refused.mgr.close()
     first.advance(1)
     first.mgr.save(2)  # the refused manager changed nothing
     assert first.mgr.steps() == [1, 2]
@@ -399,7 +401,7 @@ def test_second_manager_on_the_same_root_is_refused(tmp_path):
     second.mgr.close()
 
 
-def test_second_job_on_the_same_root_is_refused_and_a_dead_job_frees_it(tmp_path):
+def test_second_job_on_the_same_root_is_refused_and_a_dead_job_frees_it(tmp_path, caplog):
     root = tmp_path / "ckpt"
     holder = textwrap.dedent(f"""
         import sys, torch
@@ -415,14 +417,19 @@ def test_second_job_on_the_same_root_is_refused_and_a_dead_job_frees_it(tmp_path
     )
     try:
         assert proc.stdout.readline().strip() == "ready"
+        refused = CheckpointManager(root, model=torch.nn.Linear(2, 2))
         with pytest.raises(CheckpointLockedError, match=f"pid={proc.pid}"):
-            CheckpointManager(root, model=torch.nn.Linear(2, 2))
+            refused.save(8)
+        refused.close()
         assert CheckpointLayout(root).complete_steps() == [7]
     finally:
         proc.kill()  # a preempted job: no close(), no cleanup
         proc.wait(timeout=60)
     mgr = CheckpointManager(root, model=torch.nn.Linear(2, 2))  # the kernel dropped its lock
     assert mgr.load() == 7
+    with caplog.at_level(logging.WARNING, logger="ckptguard.layout"):
+        mgr.save(8)  # its holder line is left: taken over, and said so
+    assert any(f"pid={proc.pid}" in r.getMessage() and "taking over" in r.getMessage() for r in caplog.records)
     mgr.close()
 
 
@@ -499,15 +506,15 @@ def test_swapped_dcp_metadata_is_refused_before_it_is_unpickled(two_checkpoints,
     tr.mgr.close()
 
 
-def test_documented_limit_forged_manifest_and_dcp_metadata_run_code(two_checkpoints, tmp_path):
-    """The limit docs/reliability.md states: whoever can rewrite both ``.metadata`` and the
-    manifest can run code in the loading process, because DCP unpickles ``.metadata``. If DCP
-    ever stops doing so, this test fails and the documentation should be updated."""
+def test_forged_manifest_and_dcp_metadata_run_no_code(two_checkpoints, tmp_path):
+    """Whoever can rewrite both ``.metadata`` and the manifest (so every checksum passes) still
+    cannot run code in the loading process: ``.metadata`` goes through ckptguard's restricted
+    unpickler (``ckptguard.safe_pickle``), which names the file and the forbidden type."""
     root, _ = two_checkpoints
     marker = tmp_path / "pwned"
     _plant_metadata_payload(root / step_dirname(2), marker, fix_checksum=True)
     tr = build(root, seed=1)
-    with pytest.raises(Exception):  # noqa: B017 - the payload is not valid metadata after it ran
+    with pytest.raises(CheckpointFormatError, match=r"\.metadata"):
         tr.mgr.load()
-    assert marker.exists()
+    assert not marker.exists()
     tr.mgr.close()

@@ -41,11 +41,21 @@ def test_model_optimizer_state_is_keyed_by_fqn_and_holds_moments():
         assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
 
 
-def test_model_optimizer_template_of_a_fresh_optimizer_asks_for_the_moments():
-    """The load template of a never-stepped optimizer must already list every moment."""
+def test_model_optimizer_capture_of_a_fresh_optimizer_is_empty_and_changes_nothing():
+    """A save before the first step records the optimizer as it is: no state, and no step taken
+    (DCP's get_optimizer_state_dict would run a zero-LR step and start AdamW's count at 1)."""
     model, optimizer, _ = make_training_objects()
-    assert len(optimizer.state) == 0
     sd = ModelOptimizerState(model, optimizer).state_dict()
+    assert sd[OPTIMIZER]["state"] == {}
+    assert len(optimizer.state) == 0
+
+
+def test_model_optimizer_load_template_of_a_fresh_optimizer_asks_for_the_moments():
+    """The load template of a never-stepped optimizer must list every moment the checkpoint
+    holds: a template from a fresh optimizer's own state_dict() asks for nothing."""
+    model, optimizer, _ = make_training_objects()
+    saved = [f"optimizer.state.{n}.{k}" for n, _ in model.named_parameters() for k in ("exp_avg", "exp_avg_sq", "step")]
+    sd = ModelOptimizerState(model, optimizer).load_template(saved)
     assert set(sd[OPTIMIZER]["state"]) == {n for n, _ in model.named_parameters()}
     exp_avg = sd[OPTIMIZER]["state"]["hidden.weight"]["exp_avg"]
     assert exp_avg.shape == model.hidden.weight.shape

@@ -57,7 +57,8 @@ def build_reference(earlier: list[Segment], resumed_from: int, rtol: float = 0.0
         return ref
     seg = earlier[writer]
     _take_after(ref, seg.records, seg.world_size, overwrite=True)
-    if 0 < seg.resumed_from < resumed_from:
+    # a rollback's branch has no lineage after its start: the run before it was abandoned
+    if 0 < seg.resumed_from < resumed_from and not seg.is_branch:
         parent = build_reference(earlier[:writer], seg.resumed_from, rtol)
         if compare_segment(parent, seg, rank=0, rtol=rtol).divergence is None:
             _take_after(ref, parent.records, parent.world_size, overwrite=False)
@@ -199,6 +200,13 @@ def compare_segment(
 ) -> SegmentComparison:
     """Compare a resumed segment's records with the reference, stopping at the first divergence."""
     out = SegmentComparison()
+    if seg.is_branch:
+        branch = seg.header["branch"]
+        out.skipped = (
+            f"a rollback: a new branch from step {seg.resumed_from}, expected to differ from the "
+            f"abandoned run (its steps {', '.join(map(str, branch.get('abandoned_steps', [])))})"
+        )
+        return out
     if ref.world_size is not None and seg.world_size is not None and ref.world_size != seg.world_size:
         out.skipped = f"world size changed from {ref.world_size} to {seg.world_size}; per-rank traces are not comparable"
         return out

@@ -79,6 +79,7 @@ class ResumeGuard:
         self._writer = TraceWriter(self.root / trace_filename(rank))
         self._header_written = False
         self._reference: Reference | None = None
+        self._branch: dict[str, Any] | None = None  # set by start_branch: this segment is a rollback
         self._baseline: tuple[int, float] | None = None  # (step, optimizer step count) at last load/save
 
     # ------------------------------------------------------------------ save
@@ -133,8 +134,13 @@ class ResumeGuard:
 
     # ------------------------------------------------------------------ load
 
-    def before_load(self, step: int, step_dir: Path, manifest: dict[str, Any], template: dict[str, Any], *, strict_keys: bool) -> GuardReport:
-        """Checks that need the live objects as they are before loading. May raise."""
+    def before_load(
+        self, step: int, step_dir: Path, manifest: dict[str, Any], template: dict[str, Any], *,
+        strict_keys: bool, saved_keys: dict[str, Any] | None = None,
+    ) -> GuardReport:
+        """Checks that need the live objects as they are before loading. May raise.
+
+        ``saved_keys``: the checkpoint's ``statecheck.read_saved_keys``, if the caller read them."""
         from ckptguard.states import model_device_type as _device_type
         from ckptguard.states import optimizer_hyperparameters as _hyperparameters
 
@@ -163,7 +169,8 @@ class ResumeGuard:
         if info.get("model_training") is False:
             report.findings += checks.check_model_mode(False, True)
 
-        saved_keys = statecheck.read_saved_keys(step_dir)
+        if saved_keys is None:
+            saved_keys = statecheck.read_saved_keys(step_dir)
         self._saved_params_with_state = statecheck.saved_params_with_state(saved_keys)
         keys = statecheck.check_keys(saved_keys, template, strict=strict_keys)
         report.findings += keys.findings
@@ -195,17 +202,22 @@ class ResumeGuard:
         """A finding per component whose live state is not what DCP loaded; gathered over ranks.
 
         Every rank takes the same branches (decided on gathered values), since reading the live
-        state dict may run collectives.
+        state dict may run collectives. Moments are expected exactly for the parameters the
+        template asked for: a checkpoint saved before the first step, or before a parameter got
+        its first gradient, holds none for them, and the optimizer rightly has none after load.
         """
         from ckptguard.states import ModelOptimizerState
 
         local: dict[str, list[str]] = {}
+        # never initialises an empty optimizer state, so a lost state shows as lost
+        live = ModelOptimizerState(self.model, self.optimizer if "optimizer" in template else None).state_dict()
         if self.optimizer is not None and "optimizer" in template:
-            empty, total = statecheck.params_without_state(self.model, self.optimizer)
-            if empty and self._saved_params_with_state:
-                local["optimizer_missing"] = [f"{len(empty)} of {total} parameters, e.g. {', '.join(empty[:5])}"]
+            expected = [f for f, s in template["optimizer"].get("state", {}).items() if s]
+            held = live["optimizer"]["state"]
+            lost = [f for f in expected if not held.get(f)]
+            if lost:
+                local["optimizer_missing"] = [f"{len(lost)} of {len(expected)} parameters, e.g. {', '.join(lost[:5])}"]
         if not any(self.gather(bool(local))):
-            live = ModelOptimizerState(self.model, self.optimizer if "optimizer" in template else None).state_dict()
             for comp in ("model", "optimizer"):
                 if comp in template and comp in live:
                     bad = statecheck.compare_nested(template[comp], live[comp], comp)
@@ -263,6 +275,7 @@ class ResumeGuard:
         self.segment = new_segment_id()
         self._header_written = False
         self._reference = None
+        self._branch = None
         if report is None:
             return
         path = self._writer.path
@@ -274,6 +287,15 @@ class ResumeGuard:
             elif ref.records:
                 self._reference = ref
 
+    def start_branch(self, step: int, abandoned: list[int]) -> None:
+        """The load that just happened was a rollback to ``step`` while the run had reached
+        ``abandoned``: the steps from here on are a new branch, expected to differ from the
+        abandoned run (another LR, another data order), so they are not compared with it. The
+        segment's header says so, for ``ckptguard audit`` and for later resumes, whose
+        reference must come from this branch, never from the abandoned run."""
+        self._reference = None
+        self._branch = {"from_step": int(step), "abandoned_steps": [int(s) for s in abandoned]}
+
     def record(self, step: int, *, loss: Any, batch: Any = None) -> Any:
         """Append ``step`` to the trace; returns the first divergence when this step is it."""
         if not self._header_written:
@@ -283,6 +305,7 @@ class ResumeGuard:
                 "world_size": self.world_size, "resumed_from": report.step if report else 0,
                 "step_dir": report.step_dir if report else None, "pid": os.getpid(),
                 "findings": [f.to_dict() for f in report.findings] if report else [],
+                **({"branch": self._branch} if self._branch else {}),
             })
             self._header_written = True
         lrs = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer is not None else None

@@ -3,11 +3,13 @@
 The in-process version of the experiment everyone runs when a resume looks wrong: if the state
 that comes back from disk is not bitwise the state that went in, the loss will jump at resume no
 matter how the trainer is written. It goes through the same adapters and formats as a real
-save and load (DCP for model and optimizer, ``torch.save`` + ``weights_only`` load for the rest)
-but not through the commit protocol: the files go to a hidden directory under the root (shared
-by all ranks, like the checkpoints), which is removed afterwards. The dataloader is neither
-saved nor restored: asking a loader for its state can start its iterator, which would change the
-run being checked. It needs memory for one copy of the state (the "before" it compares with).
+save and load (DCP for model and optimizer, read back through ``DirectFileSystemReader``, the
+reader ``load()`` uses, so that a bug of that read path shows here too; ``torch.save`` +
+``weights_only`` load for the rest) but not through the commit protocol: the files go to a
+hidden directory under the root (shared by all ranks, like the checkpoints), which is removed
+afterwards. The dataloader is neither saved nor restored: asking a loader for its state can
+start its iterator, which would change the run being checked. It needs memory for one copy of
+the state (the "before" it compares with).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ckptguard import _dist
+from ckptguard._reader import DirectFileSystemReader
 from ckptguard.guard.statecheck import compare_nested
 from ckptguard.states import DATALOADER
 
@@ -90,7 +93,7 @@ def verify_roundtrip(mgr: Any) -> RoundtripResult:
 
         template = mgr._tensor_state.state_dict()
         with _quiet():
-            dcp.load(template, storage_reader=dcp.FileSystemReader(tmp), **kwargs)
+            dcp.load(template, storage_reader=DirectFileSystemReader(tmp), **kwargs)
         mgr._tensor_state.load_state_dict(template)
         payload = torch.load(tmp / f"roundtrip-rank-{mgr.rank:05d}.pt", map_location="cpu", weights_only=True)
         for n in names:  # build_rank_states' order: RNG last

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ckptguard.guard.findings import Finding, Severity
+from ckptguard.safe_pickle import read_dcp_metadata
 from ckptguard.tools.reader import flatten
 
 _SHOWN = 8
@@ -53,7 +53,7 @@ class KeyCheck:
 
 def read_saved_keys(step_dir: str | Path) -> dict[str, Any]:
     """DCP's ``state_dict_metadata`` of a checkpoint: flattened key -> storage metadata."""
-    return FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    return read_dcp_metadata(step_dir).state_dict_metadata  # checked, and no code run
 
 
 def check_keys(saved: dict[str, Any], template: dict[str, Any], *, strict: bool) -> KeyCheck:

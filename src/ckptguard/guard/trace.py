@@ -5,7 +5,10 @@
 group, a CRC-32 of the batch's content, a CRC-32 of each RNG stream, and the model's train mode.
 Each process that writes is a *segment*; its first line says which checkpoint step it resumed
 from, and a ``save`` line marks each checkpoint it wrote, so a later reader can line up a resumed
-run with the run that wrote its checkpoint (``divergence.py``).
+run with the run that wrote its checkpoint (``divergence.py``). A segment that began with a
+rollback (``load(step=S)`` while newer checkpoints existed) says so in its header (``branch``):
+it is a new branch, never compared with the abandoned run, and the reference of a later resume
+from one of its checkpoints comes from it alone.
 
 Durability: every line is written to the OS at once (a killed process loses nothing), and the
 file is fsynced at every save, so a machine crash loses at most the steps after the last
@@ -199,6 +202,12 @@ class Segment:
     @property
     def steps(self) -> list[int]:
         return sorted(self.records)
+
+    @property
+    def is_branch(self) -> bool:
+        """Whether this segment began with a rollback (``load(step=S)`` while newer
+        checkpoints existed): a new branch, not a continuation of the run before it."""
+        return bool(self.header.get("branch"))
 
 
 def read_trace(path: str | os.PathLike) -> list[Segment]:

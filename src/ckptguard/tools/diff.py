@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ckptguard.safe_pickle import honours_unsafe_pickle
 from ckptguard.states import DATALOADER, RNG
 from ckptguard.tools._progress import progress
 from ckptguard.tools.reader import (
@@ -182,6 +183,7 @@ def _compare_tensors(key: str, a: torch.Tensor, b: torch.Tensor, atol: float, rt
     )
 
 
+@honours_unsafe_pickle
 def diff_checkpoints(
     a: str | os.PathLike,
     b: str | os.PathLike,
@@ -192,8 +194,10 @@ def diff_checkpoints(
     step_a: int | None = None,
     step_b: int | None = None,
     verify: bool = True,
+    unsafe_pickle: bool = False,
 ) -> DiffReport:
     """Compare two checkpoints (or the newest of two roots); ``ignore`` takes key globs.
+    ``unsafe_pickle=True`` unpickles ``.metadata`` without the allowlist (trusted files only).
 
     With ``verify`` (default) both are checked against their manifests first: a damaged shard
     would otherwise read as garbage and be reported as a difference instead of as damage.

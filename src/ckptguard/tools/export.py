@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ckptguard.errors import CheckpointExistsError, CheckpointFormatError
+from ckptguard.safe_pickle import honours_unsafe_pickle
 from ckptguard.states import MODEL
 from ckptguard.tools._progress import progress
 from ckptguard.tools.reader import find_checkpoint, load_tensor_state, read_checked_manifest
@@ -80,6 +81,7 @@ def _save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, s
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+@honours_unsafe_pickle
 def export_model(
     path: str | os.PathLike,
     out: str | os.PathLike,
@@ -89,10 +91,12 @@ def export_model(
     fmt: str | None = None,
     verify: bool = True,
     overwrite: bool = False,
+    unsafe_pickle: bool = False,
 ) -> ExportReport:
     """Write the model weights of checkpoint ``path`` (or a root's newest / ``step``) to ``out``.
 
     ``fmt`` is ``"pt"`` or ``"safetensors"``; by default taken from ``out``'s suffix.
+    ``unsafe_pickle=True`` unpickles ``.metadata`` without the allowlist (trusted files only).
     """
     out = Path(out)
     fmt = fmt or ("safetensors" if out.suffix == ".safetensors" else "pt")

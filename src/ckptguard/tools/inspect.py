@@ -16,10 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ckptguard.layout import MANIFEST_NAME, CheckpointLayout, rank_filename
+from ckptguard.layout import (
+    ABANDONED_DIR,
+    MANIFEST_NAME,
+    CheckpointLayout,
+    rank_filename,
+    step_dirname,
+)
+from ckptguard.safe_pickle import honours_unsafe_pickle, read_dcp_metadata
 from ckptguard.states import MODEL, OPTIMIZER, RNG
 from ckptguard.tools._progress import progress
 from ckptguard.tools.legacy import detect_legacy
@@ -151,12 +157,14 @@ class RootInfo:
     root: str
     steps: list[StepSummary]
     selected: CheckpointInfo | None
+    branches: list[BranchSummary] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "root": self.root,
             "steps": [asdict(s) for s in self.steps],
             "selected": self.selected.to_dict() if self.selected else None,
+            "branches": [asdict(b) for b in self.branches],
         }
 
     def format(self) -> str:
@@ -169,9 +177,32 @@ class RootInfo:
                 f"{s.ckptguard_version or '-':<9} {format_nbytes(s.disk_nbytes):>10}"
                 + (f"  {s.note}" if s.note else "")
             )
+        if self.branches:
+            lines.append("  set aside by rollbacks (never loaded, pruned or deleted by ckptguard):")
+        for b in self.branches:
+            when = (
+                datetime.datetime.fromtimestamp(b.set_aside_unix).strftime("%Y-%m-%d %H:%M:%S")
+                if b.set_aside_unix else "?"
+            )
+            lines.append(
+                f"  {ABANDONED_DIR}/{b.name:<18} rolled back to step {b.rolled_back_to} at {when}: "
+                f"steps {', '.join(map(str, b.steps)) or 'none'} ({format_nbytes(b.disk_nbytes)})"
+            )
         if self.selected is not None:
             lines += ["", self.selected.format()]
         return "\n".join(lines)
+
+
+@dataclass
+class BranchSummary:
+    """Checkpoints a rollback set aside (``ROOT/abandoned/branch-NNNN``, see ``layout.set_aside``)."""
+
+    name: str
+    path: str
+    rolled_back_to: int | None
+    steps: list[int]
+    set_aside_unix: float | None
+    disk_nbytes: int
 
 
 def _shape(shape: list[int]) -> str:
@@ -207,7 +238,7 @@ def _dir_nbytes(path: Path) -> tuple[int, int]:
 
 
 def _dcp_components(step_dir: Path) -> tuple[ComponentInfo, ComponentInfo | None, list[ComponentInfo]]:
-    metadata = FileSystemReader(step_dir).read_metadata()
+    metadata = read_dcp_metadata(step_dir)  # checked against the manifest; no code run
     model = ComponentInfo(MODEL, "dcp")
     optimizer: ComponentInfo | None = None
     others: dict[str, ComponentInfo] = {}
@@ -304,8 +335,26 @@ def summarize_root(root: str | os.PathLike) -> list[StepSummary]:
     return out
 
 
-def inspect_path(path: str | os.PathLike, step: int | None = None) -> CheckpointInfo | RootInfo:
-    """A root's list of checkpoints plus the newest (or ``step``) in detail, or one checkpoint."""
+def summarize_branches(root: str | os.PathLike) -> list[BranchSummary]:
+    """The checkpoints rollbacks set aside under ``root``, oldest branch first."""
+    return [
+        BranchSummary(
+            b.name, str(b.path), b.rolled_back_to, b.steps, b.set_aside_unix,
+            sum(_dir_nbytes(b.path / step_dirname(s))[1] for s in b.steps),
+        )
+        for b in CheckpointLayout(root).abandoned_branches()
+    ]
+
+
+@honours_unsafe_pickle
+def inspect_path(
+    path: str | os.PathLike, step: int | None = None, *, unsafe_pickle: bool = False
+) -> CheckpointInfo | RootInfo:
+    """A root's list of checkpoints plus the newest (or ``step``) in detail, or one checkpoint.
+
+    ``.metadata`` is unpickled through an allowlist (``ckptguard.safe_pickle``);
+    ``unsafe_pickle=True`` lifts it, for checkpoints you trust only.
+    """
     path = Path(path)
     if path.is_dir() and not (path / MANIFEST_NAME).is_file() and is_root(path):
         steps = summarize_root(path)
@@ -313,5 +362,5 @@ def inspect_path(path: str | os.PathLike, step: int | None = None) -> Checkpoint
         selected = None
         if step is not None or complete:
             selected = inspect_checkpoint(find_checkpoint(path, step))
-        return RootInfo(str(path), steps, selected)
+        return RootInfo(str(path), steps, selected, summarize_branches(path))
     return inspect_checkpoint(find_checkpoint(path, step))

@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from ckptguard.errors import CheckpointFormatError
 from ckptguard.layout import MANIFEST_NAME
+from ckptguard.safe_pickle import (
+    UnsafePickleError,
+    allow_unsafe_pickle,
+    read_dcp_metadata,
+    unsafe_pickle_allowed,
+)
 
 _MODEL_KEYS = ("model", "model_state_dict", "state_dict", "module", "net")
 _OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
@@ -92,6 +97,7 @@ def _find_optimizers(sd: Any, prefix: str = "", depth: int = 0) -> list[str]:
 
 
 def _load_torch_file(path: Path, unsafe_pickle: bool = False) -> Any:
+    unsafe_pickle = unsafe_pickle or unsafe_pickle_allowed()
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=True)
     except RuntimeError:  # not a zip-format file: cannot mmap it
@@ -109,7 +115,9 @@ def detect_legacy(path: str | os.PathLike) -> LegacyCheckpoint | None:
         if not (path / ".metadata").is_file() or (path / MANIFEST_NAME).is_file():
             return None
         try:
-            metadata = dcp.FileSystemReader(path).read_metadata()
+            metadata = read_dcp_metadata(path)  # through the allowlist: detection runs no code
+        except UnsafePickleError:
+            raise  # a crafted file: say so, instead of treating the root as empty
         except Exception:  # noqa: BLE001 - unreadable metadata: not ours to judge here
             return None
         for fqn_path in (metadata.planner_data or {}).values():
@@ -216,7 +224,8 @@ def read_legacy(
     if path.is_dir():
         from ckptguard.tools.reader import load_tensor_state
 
-        kind, sd = "dcp", load_tensor_state(path)
+        with allow_unsafe_pickle(unsafe_pickle):
+            kind, sd = "dcp", load_tensor_state(path)
     elif path.is_file():
         kind = "torch.save"
         try:

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from ckptguard.errors import CheckpointFormatError, CheckpointNotFoundError
@@ -23,6 +22,12 @@ from ckptguard.layout import (  # noqa: F401 - read_checked_manifest is part of 
     rank_filename,
     read_checked_manifest,
     read_manifest,
+)
+from ckptguard.safe_pickle import (
+    SafeEmptyStateDictLoadPlanner,
+    SafeFileSystemReader,
+    read_dcp_metadata,
+    unsafe_pickle_cause,
 )
 
 
@@ -35,15 +40,21 @@ def load_tensor_state(step_dir: str | Path, keys: set[str] | None = None) -> dic
     step_dir = Path(step_dir)
     if not (step_dir / ".metadata").is_file():
         raise CheckpointFormatError(f"{step_dir} has no DCP .metadata file: not a checkpoint")
+    metadata = read_dcp_metadata(step_dir)  # checked, through the allowlist: raises ours
     sd: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _load_state_dict(
-            sd,
-            storage_reader=FileSystemReader(step_dir),
-            planner=_EmptyStateDictLoadPlanner(keys=keys),
-            no_dist=True,
-        )
+        try:
+            _load_state_dict(
+                sd,
+                storage_reader=SafeFileSystemReader(step_dir, metadata=metadata),
+                planner=SafeEmptyStateDictLoadPlanner(keys=keys),  # weights_only for values
+                no_dist=True,
+            )
+        except (Exception, CheckpointException) as e:  # the latter is a BaseException
+            if (refused := unsafe_pickle_cause(e)) is not None:
+                raise refused from e
+            raise
     return sd
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from ckptguard.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptguard.integrity import verify_files
 from ckptguard.layout import MANIFEST_NAME, CheckpointLayout
+from ckptguard.safe_pickle import METADATA_NAME, honours_unsafe_pickle, read_dcp_metadata
 from ckptguard.tools._progress import progress
 from ckptguard.tools.reader import find_checkpoint, is_root, read_checked_manifest
 
@@ -111,9 +112,24 @@ def verify_step_dir(step_dir: str | os.PathLike, threads: int = 4) -> StepVerifi
     return result
 
 
-def verify_path(path: str | os.PathLike, step: int | None = None) -> VerifyReport:
-    """Verify one checkpoint, or every complete checkpoint of a root (or only ``step``)."""
-    path = Path(path)
+@honours_unsafe_pickle
+def verify_path(
+    path: str | os.PathLike, step: int | None = None, *, unsafe_pickle: bool = False
+) -> VerifyReport:
+    """Verify one checkpoint, or every complete checkpoint of a root (or only ``step``).
+
+    Each intact checkpoint's ``.metadata`` is then unpickled through the allowlist
+    (``ckptguard.safe_pickle``): a crafted one raises ``CheckpointFormatError`` here, before
+    anyone loads it. ``unsafe_pickle=True`` lifts the allowlist (trusted files only).
+    """
+    report = _verify_path(Path(path), step)
+    for checked in report.checked:
+        if checked.ok and (Path(checked.path) / METADATA_NAME).is_file():
+            read_dcp_metadata(checked.path)
+    return report
+
+
+def _verify_path(path: Path, step: int | None) -> VerifyReport:
     if path.is_dir() and not (path / MANIFEST_NAME).is_file() and is_root(path):
         layout = CheckpointLayout(path)
         steps = [step] if step is not None else layout.complete_steps()
