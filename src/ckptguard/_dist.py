@@ -122,38 +122,53 @@ def on_rank0_then_all(fn: Callable[[], Any], group: dist.ProcessGroup | None, er
 
 
 def on_every_rank(
-    fn: Callable[[], Any], group: dist.ProcessGroup | None, what: str, error: type, root: str | os.PathLike
+    fn: Callable[[], Any], group: dist.ProcessGroup | None, what: str, error: type,
+    root: str | os.PathLike, *, every_result: bool = False,
 ) -> Any:
     """Run ``fn`` on every rank; if it fails on any rank, raise ``error`` on every rank.
 
-    A rank that fails alone (a full disk) must not leave the others waiting in the next
-    collective, nor let them go on with a state their peer could not write or restore. The
-    message names each failing rank and its cause; an ``OSError`` carries no file name, so
-    ``what`` names the path being written or read.
+    A rank that fails alone (a full disk, a user's ``state_dict()`` hook, a read error on one
+    host) must not leave the others waiting in the next collective, nor let them go on with a
+    state their peer could not write or restore. This is ckptguard's one way to agree on a
+    local step's outcome: one ``all_gather`` of a small object. The message names each failing
+    rank and its cause; an ``OSError`` carries no file name, so ``what`` names the path being
+    written or read. The error is the ``CheckpointError`` subclass the failing ranks raised if
+    they agree on one, else ``error``; on the rank that failed it is chained to the original.
+
+    ``every_result``: return every rank's result (a list by rank; keep them small: they are
+    pickled) instead of this rank's, so that a decision taken on them is the same everywhere.
     """
     result = failure = None
+    local_error: BaseException | None = None
     try:
         result = fn()
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         if not is_distributed() and isinstance(e, CheckpointError):
             raise
+        local_error = e
         failure = (type(e) if isinstance(e, CheckpointError) else None, describe_error(e))
-    failures = {rank: f for rank, f in enumerate(all_gather_object(failure, group)) if f}
+    gathered = all_gather_object((failure, result if every_result and failure is None else None), group)
+    failures = {rank: f for rank, (f, _) in enumerate(gathered) if f}
     if not failures:
-        return result
+        return [r for _, r in gathered] if every_result else result
     kinds = {kind for kind, _ in failures.values()}
     if len(kinds) == 1 and None not in kinds:
         error = kinds.pop()
+    # ranks that failed the same way (DCP's agreed errors, a check every rank made) are named once
+    by_text: dict[str, list[int]] = {}
+    for rank, (_, text) in failures.items():
+        by_text.setdefault(text, []).append(rank)
     causes = "; ".join(
-        (f"rank {rank}: " if get_world_size() > 1 else "") + text for rank, (_, text) in failures.items()
+        (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: " if get_world_size() > 1 else "")
+        + text for text, ranks in by_text.items()
     )
     if error is CommitError:
         raise CommitError(
             f"{what} failed: {causes}{free_space_hint(root)}. The checkpoint was not committed "
             "and the previous ones are untouched; fix the cause (e.g. free disk space) and "
             "save again."
-        )
-    raise error(f"{what} failed: {causes}")
+        ) from local_error
+    raise error(f"{what} failed: {causes}") from local_error
 
 
 class quiet_no_dist(warnings.catch_warnings):

@@ -53,6 +53,7 @@ POINTS: dict[str, str] = {
     "renamed": ".partial was renamed to step-N; the root is not fsynced yet",
     "prune_start": "the new checkpoint is committed; retention has not started",
     "prune_deleting": "an old checkpoint was renamed to .deleting; its files are not removed yet",
+    "prune_removing": "the background deleter is removing a .deleting checkpoint: manifest gone, shards not",
 }
 ACTIONS = ("kill", "raise")
 

@@ -45,7 +45,9 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,16 +299,58 @@ class CheckpointLayout:
             shutil.rmtree(replaced, ignore_errors=True)
         return final
 
+    def deleting_dir(self, step: int) -> Path:
+        return self.root / f".{step_dirname(step)}.deleting"
+
     def delete(self, step: int) -> None:
-        """Remove a complete checkpoint so that no crash can leave it half-deleted."""
-        final = self.step_dir(step)
-        doomed = self.root / f".{step_dirname(step)}.deleting"
-        if doomed.exists():
-            shutil.rmtree(doomed)
-        os.rename(final, doomed)
-        fsync_dir(self.root)
-        fault_point("prune_deleting")
-        shutil.rmtree(doomed, ignore_errors=True)
+        """Remove a complete checkpoint now, so that no crash can leave it half-deleted."""
+        for doomed in self.doom([step]):
+            self.remove_doomed(doomed)
+
+    def doom(self, steps: list[int]) -> list[Path]:
+        """Make complete checkpoints non-loadable in one atomic step each: rename ``step-N`` to
+        ``.step-N.deleting``, then one fsync of the root for the batch. Returns the new paths,
+        in the order given, for ``remove_doomed`` (which may run later, in any thread).
+
+        Why split from the removal: the rename is cheap and is what makes the deletion safe (no
+        instant shows a ``step-*`` with files missing); removing a GiB of files is slow and
+        need not delay a save (see ``BackgroundDeleter``).
+        """
+        doomed = []
+        for step in steps:
+            target = self.deleting_dir(step)
+            if target.exists():  # an earlier deletion of this step number never finished
+                shutil.rmtree(target, onerror=_ignore_vanished)
+            os.rename(self.step_dir(step), target)
+            doomed.append(target)
+        if doomed:
+            fsync_dir(self.root)
+            fault_point("prune_deleting")
+        return doomed
+
+    def remove_doomed(self, path: Path) -> None:
+        """Remove a checkpoint that ``doom`` renamed (any thread; two removers of one path
+        may race, e.g. a closed manager's deleter and the next writer's: neither fails).
+
+        The manifest goes first, so a ``.deleting`` directory a crash leaves behind is not a
+        checkpoint even if someone renames it back by hand. Raises ``OSError`` naming the first
+        file that could not be removed (and how many more), after removing what it could."""
+        try:
+            os.unlink(path / MANIFEST_NAME)
+        except FileNotFoundError:
+            pass
+        fault_point("prune_removing")
+        failures: list[tuple[str, BaseException]] = []
+
+        def collect(func: Any, failed: str, exc_info: Any) -> None:
+            if not isinstance(exc_info[1], FileNotFoundError):
+                failures.append((failed, exc_info[1]))
+
+        shutil.rmtree(path, onerror=collect)
+        if failures:
+            failed, error = failures[0]
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise OSError(getattr(error, "errno", None), f"cannot remove {failed}{more}: {error}")
 
     def quarantine(self, step: int) -> Path:
         """Move a damaged checkpoint out of the set of complete ones, keeping its files.
@@ -336,14 +380,19 @@ class CheckpointLayout:
             and not os.path.isfile(os.path.join(e.path, MANIFEST_NAME))
         )
 
-    def recover(self) -> None:
+    def recover(self, *, defer_deleting: bool = False) -> list[Path]:
         """Finish or undo what a crash interrupted (rank 0, lock held).
 
         A ``.replaced`` directory whose ``step-*`` is missing is the old checkpoint of an
         overwrite killed between its two renames: it is complete, so it is put back. Every other
         leftover (``.partial``, ``.deleting``, a ``.replaced`` whose successor is in place) is
         removed. A set-aside that a crash interrupted is finished (``set_aside``).
+
+        ``defer_deleting``: leave ``.deleting`` directories in place and return them (oldest
+        step first), for the caller to remove in the background: they are no checkpoint
+        already, and removing them here would put a whole checkpoint's deletion inside a save.
         """
+        deferred: list[Path] = []
         intent = self._set_aside_intent()
         if intent:
             logger.warning("finishing the set-aside of steps %s interrupted by a crash", intent["steps"])
@@ -357,8 +406,12 @@ class CheckpointLayout:
                 os.rename(path, final)
                 fsync_dir(self.root)
                 continue
+            if m.group(2) == "deleting" and defer_deleting:
+                deferred.append(path)
+                continue
             logger.info("removing leftover %s", path)
             shutil.rmtree(path, ignore_errors=True)
+        return deferred
 
     def clean_transient(self, keep: Path | None = None) -> None:
         """Remove leftovers of interrupted saves and deletions (rank 0, lock held)."""
@@ -368,15 +421,26 @@ class CheckpointLayout:
             logger.info("removing leftover %s", path)
             shutil.rmtree(path, ignore_errors=True)
 
-    def prune(self, keep_last: int | None, protect: int) -> list[int]:
-        """Delete the oldest complete checkpoints beyond ``keep_last``; never ``protect``."""
+    def retention_doomed(self, keep_last: int | None, protect: int) -> list[int]:
+        """The complete checkpoints beyond ``keep_last``, oldest first: never ``protect`` (the
+        one just saved) and never the newest complete one, whatever ``keep_last`` says.
+        Only the live branch counts: set-aside checkpoints are not among ``complete_steps``."""
         if keep_last is None:
             return []
         steps = self.complete_steps()
-        doomed = [s for s in steps[:-keep_last] if s != protect] if len(steps) > keep_last else []
+        if len(steps) <= max(keep_last, 1):
+            return []
+        return [s for s in steps[: -max(keep_last, 1)] if s != protect]
+
+    def prune(self, keep_last: int | None, protect: int) -> list[int]:
+        """Delete the oldest complete checkpoints beyond ``keep_last`` now (see
+        ``retention_doomed``); the manager instead dooms them and removes them in the
+        background (``BackgroundDeleter``)."""
+        doomed = self.retention_doomed(keep_last, protect)
         for s in doomed:
             logger.info("retention: deleting %s", self.step_dir(s))
-            self.delete(s)
+        for path in self.doom(doomed):
+            self.remove_doomed(path)
         return doomed
 
     # ------------------------------------------------------------------ rollback branches
@@ -464,6 +528,127 @@ class CheckpointLayout:
             path.name, path, record.get("rolled_back_to"), steps, record.get("set_aside_unix"),
             record.get("reason", ""),
         )
+
+
+def _ignore_vanished(func: Any, path: str, exc_info: Any) -> None:
+    """``rmtree`` error handler: a file another remover took first is not an error."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
+@dataclass
+class DeletionFailure:
+    """A retention deletion that failed: what, why, when. The directory stays (it is no
+    checkpoint: its name is ``.step-N.deleting``, or it was never renamed); the next writer
+    retries it."""
+
+    path: Path
+    error: str
+    unix: float = field(default_factory=time.time)
+
+
+class BackgroundDeleter:
+    """Removes doomed checkpoints (``CheckpointLayout.doom``) in one background thread, in the
+    order submitted, one checkpoint at a time, so that ``rmtree`` of a GiB never delays a
+    ``save()`` or a training step.
+
+    The thread exists only while there is work: it starts on ``submit`` and ends when the
+    queue is empty (or after the current checkpoint once ``stop`` is called), so an idle or
+    dropped manager holds no thread. It is a daemon thread: a process that exits without
+    ``close()`` does not wait for it; what it leaves is a ``.deleting`` directory, which no
+    load considers and the next writer removes (``recover(defer_deleting=True)``).
+
+    Failures never raise into training: each is logged when it happens, kept in ``failures``
+    and handed once to ``take_unreported`` (the manager reports them at the next save or close).
+    A path that failed is not retried by this deleter (it would fail at every save); the next
+    writer retries it.
+    """
+
+    def __init__(self, layout: CheckpointLayout) -> None:
+        self._layout = layout  # never the manager: the thread must not keep it alive
+        self._cond = threading.Condition()
+        self._queue: deque[Path] = deque()
+        self._busy: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.failures: list[DeletionFailure] = []
+        self._unreported: list[DeletionFailure] = []
+
+    def submit(self, paths: list[Path], *, retry_failed: bool = False) -> None:
+        """Queue ``.deleting`` directories for removal (skipping those queued or in progress,
+        and unless ``retry_failed``, those that failed here before)."""
+        with self._cond:
+            failed = {f.path for f in self.failures}
+            if self._stopped:
+                return
+            for path in paths:
+                if path in self._queue or path == self._busy or (path in failed and not retry_failed):
+                    continue
+                self._queue.append(path)
+            if self._queue and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ckptguard-delete", daemon=True)
+                self._thread.start()
+
+    def record_failure(self, path: Path, error: BaseException | str) -> DeletionFailure:
+        failure = DeletionFailure(Path(path), error if isinstance(error, str) else _describe(error))
+        with self._cond:
+            self.failures.append(failure)
+            self._unreported.append(failure)
+        return failure
+
+    def take_unreported(self) -> list[DeletionFailure]:
+        """Failures not yet reported to the user; each is handed out once."""
+        with self._cond:
+            out, self._unreported = self._unreported, []
+        return out
+
+    def pending(self) -> list[Path]:
+        """Directories still to remove: the one in progress first, then the queue."""
+        with self._cond:
+            return ([self._busy] if self._busy is not None else []) + list(self._queue)
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued deletion is done (or failed); ``False`` on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy is None and not self._queue, timeout_s)
+
+    def stop(self) -> list[Path]:
+        """Accept no more work and drop the queue; the checkpoint in progress is finished by
+        the thread, which then ends. Never waits. Returns what is left to the next writer."""
+        with self._cond:
+            self._stopped = True
+            left = ([self._busy] if self._busy is not None else []) + list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        return left
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._busy = None
+                if self._stopped or not self._queue:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                path = self._busy = self._queue.popleft()
+                self._cond.notify_all()
+            started = time.monotonic()
+            try:
+                self._layout.remove_doomed(path)
+            except Exception as e:  # noqa: BLE001 - never into training; reported at next save/close
+                failure = self.record_failure(path, e)
+                logger.warning(
+                    "retention: could not remove %s: %s. It is no longer a checkpoint (nothing "
+                    "loads a .deleting directory) but still takes disk space; the next writer of "
+                    "%s retries it. Fix the cause (permissions, I/O errors) or remove it by hand.",
+                    path, failure.error, self._layout.root,
+                )
+            else:
+                logger.info("retention: removed %s in %.2fs (background)", path, time.monotonic() - started)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 # Holder lines written into the lock file while the lock is held; a clean release empties the

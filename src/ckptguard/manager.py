@@ -11,7 +11,8 @@ A save, on every rank, in order:
 3. DCP writes the model and optimizer shards (``sync_files=True``) and rank 0 its ``.metadata``;
 4. each rank hashes the files it wrote and leaves a small ``.done-R.json`` record;
 5. rank 0 waits for every rank's record, writes the manifest, renames the directory into place,
-   fsyncs the root, and only then prunes checkpoints beyond ``keep_last``.
+   fsyncs the root, and only then renames the checkpoints beyond ``keep_last`` to
+   ``.step-N.deleting`` (no longer loadable); a background thread removes their files.
 
 With ``blocking=False`` step 3 is ``dcp.async_save`` and steps 4-5 run in a background thread;
 the records in step 4 replace a collective so that the commit never races the training
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from ckptguard import _dist
 from ckptguard._dist import describe_error, free_space_hint, quiet_no_dist
@@ -64,7 +66,9 @@ from ckptguard.integrity import verify_files
 from ckptguard.layout import (
     ABANDONED_DIR,
     MANIFEST_NAME,
+    BackgroundDeleter,
     CheckpointLayout,
+    DeletionFailure,
     RootLock,
     manifest_header,
     read_checked_manifest,
@@ -106,7 +110,8 @@ def _destroy_dropped_groups() -> None:
 class _Resources:
     """What a manager holds that reference counting alone does not free: the root's writer
     lock (rank 0), its two gloo groups, the commit thread, the async stager (threads, an
-    optimizer hook, a host copy of the state) and the trace file.
+    optimizer hook, a host copy of the state), the retention deleter's thread (rank 0) and the
+    trace file.
 
     Kept apart from the manager so that ``weakref.finalize`` can release them when the manager
     is garbage collected without keeping it alive: a notebook cell run twice, or
@@ -119,12 +124,17 @@ class _Resources:
         self.groups: list[Any] = []
         self.executor: ThreadPoolExecutor | None = None
         self.stager: BackgroundStager | None = None
+        self.deleter: BackgroundDeleter | None = None
         self.closers: list[Callable[[], None]] = []
 
     def release(self, *, dropped: bool) -> None:
         """Free everything. ``dropped`` (garbage collected, or alive at exit): wait for no thread
-        and queue the groups for the next manager, since this may run in any thread."""
+        and queue the groups for the next manager, since this may run in any thread. Pending
+        retention deletions are not waited for here (``close`` waits, bounded, before this):
+        the deleter stops after its current checkpoint and the next writer removes the rest."""
         steps: list[tuple[str, Callable[[], None]]] = [(f"closing {c}", c) for c in self.closers]
+        if self.deleter is not None:
+            steps.insert(0, ("stopping the retention deleter", self._stop_deleter))
         on_stager_thread = threading.current_thread().name.startswith("ckptguard-stage")
         if self.stager is not None and not (dropped and on_stager_thread):
             # (collected on the stager's own thread, close() would wait for itself)
@@ -139,7 +149,7 @@ class _Resources:
                 step()
             except Exception as e:  # noqa: BLE001 - free the rest; a finalizer cannot raise
                 logger.warning("%s failed: %s", what, describe_error(e))
-        self.closers, self.stager, self.executor = [], None, None
+        self.closers, self.stager, self.executor, self.deleter = [], None, None, None
         groups, self.groups = self.groups, []
         if dropped:
             with _dropped_groups_lock:
@@ -147,6 +157,46 @@ class _Resources:
         else:
             for group in groups:
                 _dist.destroy_group(group)
+
+    def _stop_deleter(self) -> None:
+        assert self.deleter is not None
+        left = self.deleter.stop()
+        if left:
+            logger.info(
+                "retention: %d checkpoint(s) still being deleted (%s) are left to the next "
+                "writer; they are .deleting directories, which no load considers",
+                len(left), ", ".join(str(p) for p in left),
+            )
+
+
+class _Staged(AsyncStager):
+    """Hands ``dcp.async_save`` the copy ``BackgroundStager.stage`` started before it.
+
+    If the background part of that copy fails on one rank, DCP's background save still runs
+    there, on the live state dict (same keys and shapes, so DCP's plan is valid; the values
+    written are never committed): its collectives pair up with the other ranks' instead of
+    leaving them waiting until the group times out, and ``_finish_async`` then reports the
+    copy's error (a failure record, so rank 0 does not commit, and ``wait`` on every rank).
+    """
+
+    _synchronize_after_execute = False
+
+    def __init__(self, staging: Future | None, live: dict[str, Any]) -> None:
+        assert staging is not None, "an async save stages in write_own_part"
+        self._staging = staging
+        self._live = live
+
+    def stage(self, state_dict: dict[str, Any], **_: Any) -> Future:
+        out: Future = Future()
+
+        def hand_over(staging: Future) -> None:
+            out.set_result(staging.result() if staging.exception() is None else self._live)
+
+        self._staging.add_done_callback(hand_over)
+        return out
+
+    def synchronize_staging(self) -> None:
+        pass
 
 
 @dataclass
@@ -229,6 +279,8 @@ class CheckpointManager:
         # The root's writer lock, taken by the first save (see _become_writer), not here.
         self._lock = RootLock(self.root) if self.rank == 0 else None
         self._resources = _Resources(self._lock)
+        # rank 0 removes what retention dooms, in the background (see _retain); no thread yet
+        self._resources.deleter = BackgroundDeleter(self.layout) if self.rank == 0 else None
         self._finalizer = weakref.finalize(self, self._resources.release, dropped=True)
         _destroy_dropped_groups()
         self._group = _dist.new_cpu_group()
@@ -239,7 +291,8 @@ class CheckpointManager:
             rank=self.rank, world_size=self.world_size,
             # no lambda over self: a reference cycle would keep a dropped manager (and the
             # root's lock) alive until the cyclic collector runs
-            gather=functools.partial(_dist.all_gather_object, group=self._group), strict=strict,
+            agree=functools.partial(_dist.on_every_rank, group=self._group, root=self.root),
+            strict=strict,
             allow_lr_change=allow_lr_change, global_batch_size=global_batch_size,
             grad_accum_steps=grad_accum_steps, trace_rtol=trace_rtol,
         )
@@ -339,7 +392,10 @@ class CheckpointManager:
         try:
             self._load_step(step_dir, strict)
         except (CheckpointError, OSError) as e:
-            if (step_dir / MANIFEST_NAME).is_file():
+            # Every rank gets here together (_load_step agrees on its errors); rank 0 decides,
+            # since with fallback it may move the step aside right after, before a slower rank
+            # looked: the ranks would raise different errors and part ways.
+            if self._on_rank0_then_all(lambda: (step_dir / MANIFEST_NAME).is_file()):
                 raise
             raise CheckpointNotFoundError(
                 f"step {step_dir.name} ({step_dir}) was deleted while it was being loaded, by the "
@@ -348,9 +404,14 @@ class CheckpointManager:
                 "checkpoint."
             ) from e
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 60.0) -> None:
         """Finish a pending async save, then release the root's lock (if this manager saved),
-        its process groups and threads. Idempotent; every rank must call it."""
+        its process groups and threads. Idempotent; every rank must call it.
+
+        Old checkpoints that retention doomed are removed in the background; ``close`` waits up
+        to ``timeout_s`` for that, then leaves the rest to the next writer (they are
+        ``.deleting`` directories, which no load considers) and logs which it did. Deletions
+        that failed are logged again here if no save has reported them yet."""
         if self._closed:
             return
         try:
@@ -358,8 +419,54 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._finalizer.detach()
-            self._resources.release(dropped=False)
-            _destroy_dropped_groups()
+            try:
+                self._finish_deletions(timeout_s)
+            finally:
+                self._resources.release(dropped=False)
+                _destroy_dropped_groups()
+
+    @property
+    def retention_errors(self) -> list[DeletionFailure]:
+        """Every retention deletion that failed in this manager (rank 0; empty elsewhere): the
+        path and the error. Each is also logged as a WARNING when it happens and again at the
+        next ``save()`` or ``close()``; none fails training."""
+        deleter = self._resources.deleter
+        return list(deleter.failures) if deleter is not None else []
+
+    def _finish_deletions(self, timeout_s: float) -> None:
+        """``close``: wait, bounded, for the background deletions, and say what happened."""
+        deleter = self._resources.deleter
+        if deleter is None:
+            return
+        pending = deleter.pending()
+        if pending:
+            started = time.monotonic()
+            if deleter.wait(timeout_s):
+                logger.info(
+                    "retention: close() waited %.2fs for the deletion of %d old checkpoint(s)",
+                    time.monotonic() - started, len(pending),
+                )
+            else:
+                left = deleter.stop()
+                logger.warning(
+                    "retention: close() waited %.0fs (timeout_s) and leaves %d old checkpoint(s) "
+                    "to the next writer of %s, which removes them: %s. They are .deleting "
+                    "directories: no load considers them.",
+                    timeout_s, len(left), self.root, ", ".join(str(p) for p in left),
+                )
+        self._report_retention_failures()
+
+    def _report_retention_failures(self) -> None:
+        """Log, once each, the retention deletions that failed since the last report (rank 0)."""
+        deleter = self._resources.deleter
+        for failure in deleter.take_unreported() if deleter is not None else []:
+            logger.warning(
+                "retention: an earlier deletion failed: %s: %s. Training went on and no load "
+                "considers what was left (a .deleting directory, or an old checkpoint still "
+                "complete), but it takes disk space; the next writer retries. See "
+                "mgr.retention_errors.",
+                failure.path, failure.error,
+            )
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -402,21 +509,31 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         self._ensure_writer()
-        guard_info = self.guard.before_save(
-            step, micro_step=micro_step, allow_mid_accumulation=allow_mid_accumulation
+        # Each local step of a save that can fail on one rank alone is agreed across ranks
+        # (one small all_gather) before the next collective, so that every rank raises the same
+        # error instead of one waiting for the other until the process group times out.
+        guard_info = self._on_every_rank(
+            lambda: self.guard.before_save(
+                step, micro_step=micro_step, allow_mid_accumulation=allow_mid_accumulation
+            ),
+            f"checking step {step} before saving it",
         )
         started = time.monotonic()
         partial = self.layout.partial_dir(step)
         self._on_rank0_then_all(lambda: self._prepare_partial(step, overwrite), error=CommitError)
 
-        # A rank that fails alone (full disk) must not leave the others waiting in DCP's
-        # collectives: every rank learns of the failure and raises the same CommitError.
-        def write_own_rank_file() -> None:
+        # A rank that fails alone (full disk, a user's state_dict() or state_dict hook, staging)
+        # must not leave the others waiting in DCP's collectives: every rank learns of the
+        # failure and raises the same CommitError. Staging is done here, not inside
+        # dcp.async_save: a rank whose staging failed there would never join the collectives
+        # of the background save that the other ranks had already started.
+        def write_own_part() -> tuple[dict[str, Any], Future | None]:
             fault_point("partial_created")
             write_rank_file(partial, step, self.rank, self.world_size, self._rank_states)
+            tensor_sd = self._tensor_state.state_dict()
+            return tensor_sd, None if blocking else self._async_stager().stage(tensor_sd)
 
-        self._on_every_rank(write_own_rank_file, f"writing {partial}")
-        tensor_sd = self._tensor_state.state_dict()
+        tensor_sd, staging = self._on_every_rank(write_own_part, f"writing {partial}")
         # fsyncs each file while hashing it (see _writer): the checksums cost almost nothing
         hashing_writer = HashingFileSystemWriter(
             partial, single_file_per_rank=True, thread_count=self.thread_count
@@ -439,14 +556,16 @@ class CheckpointManager:
 
         with quiet_no_dist():
             dcp_future = dcp.async_save(
-                tensor_sd, storage_writer=writer, async_stager=self._async_stager(),
+                tensor_sd, storage_writer=writer, async_stager=_Staged(staging, tensor_sd),
                 **self._dcp_kwargs(),
             )
         if not isinstance(dcp_future, Future):  # AsyncSaveResponse (async staging)
             dcp_future = dcp_future.upload_completion
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptguard-commit")
-        future = self._executor.submit(self._finish_async, dcp_future, step, manifest, hashing_writer)
+        future = self._executor.submit(
+            self._finish_async, dcp_future, step, manifest, hashing_writer, staging
+        )
         self._pending = _PendingSave(step, future, started)
         logger.info("async save of step %d started; caller blocked %.2fs", step, time.monotonic() - started)
         return self.layout.step_dir(step)
@@ -479,11 +598,14 @@ class CheckpointManager:
 
     def _finish_async(
         self, dcp_future: Future, step: int, manifest: dict[str, Any],
-        writer: HashingFileSystemWriter | None = None,
+        writer: HashingFileSystemWriter | None = None, staging: Future | None = None,
     ) -> Path | None:
         fault_point("async_commit_start")
         partial = self.layout.partial_dir(step)
         try:
+            dcp_future.exception()  # wait: DCP's save ran on every rank, even where staging failed
+            if staging is not None:
+                staging.result()  # this rank's background copy failed: the cause of any DCP error
             dcp_future.result()
             fault_point("dcp_done")
             write_done_record(partial, self.rank, writer)
@@ -507,7 +629,8 @@ class CheckpointManager:
         # the next start; recover() also puts back a checkpoint an interrupted overwrite moved.
         self._become_writer()
         try:
-            self.layout.recover()
+            # leftover .deleting directories go to the background deleter, not into this save
+            self._delete_in_background(self.layout.recover(defer_deleting=True))
             # after a rollback, a step the abandoned run saved is set aside at commit, not replaced
             rollback = self._rollback_from is not None and step > self._rollback_from
             return self.layout.prepare_partial(step, overwrite or rollback)
@@ -537,14 +660,35 @@ class CheckpointManager:
                 "checkpoint was not committed and the previous ones are untouched; fix the cause "
                 "(e.g. free disk space) and save again."
             ) from e
+        self._retain(step)
+        return path
+
+    def _retain(self, step: int) -> None:
+        """Retention after the commit of ``step`` (rank 0): the checkpoints beyond
+        ``keep_last`` are made non-loadable now, in one atomic rename each and one fsync
+        (``layout.doom``), and removed by the background deleter, so a save costs no
+        ``rmtree``. Never fails the save: the new checkpoint is committed, and an error here
+        would make the caller think it was lost."""
+        self._report_retention_failures()
         try:
             fault_point("prune_start")
-            self.layout.prune(self.keep_last, protect=step)
+            doomed = self.layout.retention_doomed(self.keep_last, protect=step)
+            if doomed:
+                logger.info("retention: deleting steps %s under %s (in the background)", doomed, self.root)
+            self._delete_in_background(self.layout.doom(doomed), retry_failed=True)
         except OSError as e:
-            # The new checkpoint is committed: failing the save now would make the caller think
-            # it was lost. Leftover .deleting directories are removed by the next save.
+            # Leftover .deleting directories are removed after the next save's recover().
             logger.warning("retention: could not delete old checkpoints under %s: %s", self.root, e)
-        return path
+            if self._resources.deleter is not None:
+                self._resources.deleter.record_failure(self.root, e)
+
+    def _delete_in_background(self, paths: list[Path], *, retry_failed: bool = False) -> None:
+        deleter = self._resources.deleter
+        if deleter is None:  # not rank 0: never reached (recover and retention run there)
+            for path in paths:
+                self.layout.remove_doomed(path)
+            return
+        deleter.submit(paths, retry_failed=retry_failed)
 
     def _set_aside_abandoned(self, step: int) -> None:
         """The first commit after a rollback to S moves every checkpoint after S out of the
@@ -691,21 +835,26 @@ class CheckpointManager:
         return steps if fallback else steps[:1]
 
     def _load_step(self, step_dir: Path, strict: bool) -> None:
-        manifest = read_checked_manifest(step_dir)
-        if self.verify_on_load:
-            self._verify(step_dir, manifest)
+        # Each local step that can fail on one rank alone (a read error on one host, a user's
+        # load_state_dict, a template that cannot be built) is agreed across ranks before the
+        # next collective (ours or DCP's), so that every rank raises the same error instead of
+        # one waiting for the other until the process group times out. DCP agrees on its own.
+        manifest, saved_keys = self._on_every_rank(
+            lambda: self._read_step(step_dir), f"reading {step_dir}", error=CheckpointCorruptError
+        )
 
-        from ckptguard.guard.statecheck import read_saved_keys
+        def prepare() -> tuple[dict[str, Any], Any]:
+            # Asks for exactly the optimizer state the checkpoint holds, gradients or not (see
+            # ModelOptimizerState.load_template); the user's .grad stay as they were.
+            template = self._tensor_state.load_template(saved_keys)
+            report = self.guard.before_load(
+                manifest["step"], step_dir, manifest, template, strict_keys=strict,
+                saved_keys=saved_keys,
+            )
+            return template, report
 
-        try:
-            saved_keys = read_saved_keys(step_dir)  # DCP's .metadata
-        except (OSError, EOFError, pickle.UnpicklingError) as e:
-            raise self._unreadable(step_dir, e) from e
-        # Asks for exactly the optimizer state the checkpoint holds, gradients or not (see
-        # ModelOptimizerState.load_template); the user's .grad stay as they were.
-        template = self._tensor_state.load_template(saved_keys)
-        report = self.guard.before_load(
-            manifest["step"], step_dir, manifest, template, strict_keys=strict, saved_keys=saved_keys
+        template, report = self._on_every_rank(
+            prepare, f"preparing to load {step_dir}", error=StateMismatchError
         )
         try:
             with quiet_no_dist():
@@ -721,14 +870,29 @@ class CheckpointManager:
             raise StateMismatchError(
                 f"cannot load the model/optimizer of {step_dir} into the live objects: {e}"
             ) from e
-        self._tensor_state.load_state_dict(template, strict=strict)
-        # Agreed across ranks: a rank file that fails on one rank only must not leave the
+
+        # Agreed across ranks: a state that fails to restore on one rank only must not leave the
         # others waiting, nor let them go on with a state their peer could not restore.
-        self._on_every_rank(
-            lambda: load_rank_file(step_dir, manifest, self.rank, self.world_size, self._rank_states), f"loading {step_dir}",
-            error=StateMismatchError,
-        )
+        def restore() -> None:
+            self._tensor_state.load_state_dict(template, strict=strict)
+            load_rank_file(step_dir, manifest, self.rank, self.world_size, self._rank_states)
+
+        self._on_every_rank(restore, f"loading {step_dir}", error=StateMismatchError)
         self.last_report = self.guard.after_load(report, template, manifest)
+
+    def _read_step(self, step_dir: Path) -> tuple[dict[str, Any], Any]:
+        """This rank's reads before a load: the manifest, its share of the checksums, DCP's
+        ``.metadata`` keys. Local: ``_load_step`` agrees on the outcome."""
+        manifest = read_checked_manifest(step_dir)
+        if self.verify_on_load:
+            self._verify(step_dir, manifest)
+
+        from ckptguard.guard.statecheck import read_saved_keys
+
+        try:
+            return manifest, read_saved_keys(step_dir)  # DCP's .metadata
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            raise self._unreadable(step_dir, e) from e
 
     def _unreadable(self, step_dir: Path, e: BaseException) -> CheckpointCorruptError:
         return CheckpointCorruptError(
@@ -760,10 +924,10 @@ class CheckpointManager:
         return step
 
     def _verify(self, step_dir: Path, manifest: dict[str, Any]) -> None:
+        """Check this rank's share of the files against the manifest (``_read_step``)."""
         names = sorted(manifest["files"])
         mine = names[self.rank :: self.world_size]
-        problems = [str(p) for p in verify_files(step_dir, manifest["files"], mine)]
-        problems = sorted(p for ps in _dist.all_gather_object(problems, self._group) for p in ps)
+        problems = sorted(str(p) for p in verify_files(step_dir, manifest["files"], mine))
         if problems:
             raise CheckpointCorruptError(
                 f"{step_dir} does not match its manifest; refusing to load it:\n  "

@@ -120,7 +120,10 @@ class ModelOptimizerState:
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
-        set_model_state_dict(self.model, state_dict[MODEL], options=StateDictOptions(strict=strict))
+        # A copy: DCP renames the keys of the dict it is handed in place, to the wrapper's names
+        # (``module.x`` under DDP, ``_orig_mod.x`` under torch.compile), and the guard's read-back
+        # still compares this dict with the live model afterwards.
+        set_model_state_dict(self.model, dict(state_dict[MODEL]), options=StateDictOptions(strict=strict))
         if self.optimizer is None:
             return
         osd = state_dict[OPTIMIZER]

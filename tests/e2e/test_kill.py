@@ -49,12 +49,15 @@ PROCESS_TIMEOUT_S = 300
 SOAK = int(os.environ.get("CKPTGUARD_SOAK", "0") or 0)
 
 # Phases reached after the atomic rename: a kill there leaves the new checkpoint complete.
-AFTER_RENAME = {"renamed", "prune_start", "prune_deleting"}
+AFTER_RENAME = {"renamed", "prune_start", "prune_deleting", "prune_removing"}
 # Reached only when retention deletes something: first at the save of step 6 (keep_last=2).
-PRUNE_POINTS = {"prune_deleting"}
+PRUNE_POINTS = {"prune_deleting", "prune_removing"}
+# Reached in the background deleter thread, while training goes on: by the time it fires, the
+# trainer may have committed its next save too.
+BACKGROUND_DELETION = {"prune_removing"}
 RANK0_ONLY = {
     "dcp_metadata", "commit_start", "manifest_written", "overwrite_replaced", "renamed",
-    "prune_start", "prune_deleting",
+    "prune_start", "prune_deleting", "prune_removing",
 }
 # Phases on the caller's thread in both modes; async differs only in the background phases.
 MAIN_THREAD = {"partial_created", "rank_file_written"}
@@ -93,6 +96,8 @@ class KillCase:
         if self.point is None:
             return None
         before = self.save_step - SAVE_EVERY
+        if self.point in BACKGROUND_DELETION:
+            return {s for s in (self.save_step, self.save_step + SAVE_EVERY) if s <= TOTAL_STEPS}
         if self.point in AFTER_RENAME or self.point == "overwrite_replaced":
             return {self.save_step}
         if self.nproc > 1 and self.mode == "async" and self.point == "done_record_written" and self.rank != 0:
@@ -117,6 +122,7 @@ def ci_cases() -> list[KillCase]:
         KillCase(2, "sync", "manifest_written", rank=0),
         KillCase(2, "async", "dcp_done", rank=1),
         KillCase(2, "async", "prune_deleting", rank=0),
+        KillCase(2, "sync", "prune_removing", rank=0),
     ]
     return cases
 

@@ -113,10 +113,10 @@ def test_keep_last_keeps_the_newest(tmp_path):
         _train_one(model, optimizer, scheduler)
         mgr.save(step)
     assert mgr.steps() == [4, 5]
+    mgr.close()  # waits for the background removal of the older ones
     assert sorted(p.name for p in tmp_path.iterdir() if "step" in p.name) == [
         "step-00000004", "step-00000005"
     ]
-    mgr.close()
 
 
 def test_keep_last_none_keeps_all(tmp_path):
@@ -129,14 +129,14 @@ def test_keep_last_none_keeps_all(tmp_path):
 
 def test_retention_runs_only_after_the_new_checkpoint_is_complete(tmp_path, monkeypatch):
     seen = []
-    real_prune = CheckpointLayout.prune
+    real_doomed = CheckpointLayout.retention_doomed
 
-    def spying_prune(self, keep_last, protect):
+    def spying_doomed(self, keep_last, protect):
         seen.append((protect, self.complete_steps()))
         assert (self.step_dir(protect) / MANIFEST_NAME).is_file(), "pruning before the commit"
-        return real_prune(self, keep_last, protect)
+        return real_doomed(self, keep_last, protect)
 
-    monkeypatch.setattr(CheckpointLayout, "prune", spying_prune)
+    monkeypatch.setattr(CheckpointLayout, "retention_doomed", spying_doomed)
     mgr, *_ = _manager(tmp_path, keep_last=1)
     mgr.save(1)
     mgr.save(2, blocking=False)

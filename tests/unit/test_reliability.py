@@ -194,8 +194,8 @@ def test_retention_failure_does_not_fail_a_committed_save(tmp_path, caplog, poin
     tr.advance(1)
     _save(tr, 4, mode)  # retention catches up and the leftover .deleting goes
     assert tr.mgr.steps() == [3, 4]
+    tr.mgr.close()  # waits for the background removal
     assert CheckpointLayout(root).transient_dirs() == []
-    tr.mgr.close()
 
 
 def test_overwrite_failure_puts_the_old_checkpoint_back(tmp_path):

@@ -158,3 +158,40 @@ def test_dataloader_state_resumes_mid_epoch():
     it2 = iter(fresh)
     for (x, y), (ex, ey) in zip([next(it2) for _ in range(2)], expected, strict=True):
         assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_wrapped_model_resumes_without_a_false_missing_after_load(tmp_path):
+    """DCP's set_model_state_dict renames the keys of the dict it is handed in place
+    (``_orig_mod.x`` under torch.compile, ``module.x`` under DDP); the guard's read-back compares
+    that dict with the live model afterwards, so a shared dict read 'missing after load'."""
+    from ckptguard import CheckpointManager
+
+    model = torch.compile(torch.nn.Linear(2, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    with CheckpointManager(tmp_path, model=model, optimizer=opt) as mgr:
+        mgr.save(1)
+    with CheckpointManager(tmp_path, model=model, optimizer=opt, strict=True) as mgr:
+        assert mgr.load() == 1
+        assert not mgr.last_report.errors
+
+
+def test_values_equal_compares_dtensor_shards_outside_a_process_group(tmp_path):
+    """The resume harness compares rank files in a process without a process group; a DTensor
+    there (an FSDP2-sharded optimizer in ``extra``) must compare by its local shard, not by a
+    collective."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from ckptguard.tools.reader import values_equal
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        dt = distribute_tensor(torch.arange(6.0), mesh, [Shard(0)])
+        torch.save({"t": dt}, tmp_path / "a.pt")
+    finally:
+        dist.destroy_process_group()
+    a = torch.load(tmp_path / "a.pt", weights_only=True)["t"]
+    b = torch.load(tmp_path / "a.pt", weights_only=True)["t"]
+    assert values_equal(a, b)

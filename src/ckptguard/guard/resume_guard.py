@@ -15,6 +15,7 @@ The manager calls it at four points and holds no guard logic itself:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ckptguard._dist import on_every_rank
 from ckptguard.errors import ResumeError, StateMismatchError
 from ckptguard.guard import checks, statecheck
 from ckptguard.guard.divergence import Reference, build_reference, compare_record
@@ -51,7 +53,7 @@ class ResumeGuard:
         rank_states: dict[str, Any],
         rank: int,
         world_size: int,
-        gather: Callable[[Any], list[Any]],
+        agree: Callable[..., Any] | None = None,
         strict: bool = False,
         allow_lr_change: bool = False,
         global_batch_size: int | None = None,
@@ -68,7 +70,9 @@ class ResumeGuard:
         self.rank_states = rank_states
         self.rank = rank
         self.world_size = world_size
-        self.gather = gather
+        # ``_dist.on_every_rank`` bound to the manager's group: the guard's steps that run on
+        # every rank agree on their outcome through it (one process: runs them as they are)
+        self.agree = agree or functools.partial(on_every_rank, group=None, root=self.root)
         self.strict = strict
         self.allow_lr_change = allow_lr_change
         self.global_batch_size = global_batch_size
@@ -184,47 +188,68 @@ class ResumeGuard:
         return report
 
     def after_load(self, report: GuardReport, template: dict[str, Any], manifest: dict[str, Any]) -> GuardReport:
-        """Checks of what the live objects hold now; logs the report, raises if ``strict``."""
+        """Checks of what the live objects hold now; logs the report, raises if ``strict``.
+
+        Every rank raises, or none: a check that fails on one rank alone (a user's state_dict
+        hook, its trace file unreadable, a finding of its own under ``strict``) must not let
+        the others go on to the next collective without it."""
         info = manifest.get("info", {})
         report.findings += self._readback(template)
-        report.findings += self._lr_findings(info.get("param_groups", []))
-        report.findings += checks.check_model_mode(None, self.model.training)
-        self.report = report
-        self._baseline = (report.step, _optimizer_step_count(self.optimizer))
-        self._start_segment(report)
-        if self.rank == 0:
-            report.log()
-        if self.strict:
-            report.raise_if_errors("at load (the live objects already hold the loaded state)")
-        return report
+
+        def check_rest() -> GuardReport:
+            report.findings += self._lr_findings(info.get("param_groups", []))
+            report.findings += checks.check_model_mode(None, self.model.training)
+            self.report = report
+            self._baseline = (report.step, _optimizer_step_count(self.optimizer))
+            self._start_segment(report)
+            if self.rank == 0:
+                report.log()
+            if self.strict:
+                report.raise_if_errors("at load (the live objects already hold the loaded state)")
+            return report
+
+        return self.agree(check_rest, what=f"checking the resume from step {report.step}", error=ResumeError)
 
     def _readback(self, template: dict[str, Any]) -> list[Finding]:
         """A finding per component whose live state is not what DCP loaded; gathered over ranks.
 
         Every rank takes the same branches (decided on gathered values), since reading the live
-        state dict may run collectives. Moments are expected exactly for the parameters the
-        template asked for: a checkpoint saved before the first step, or before a parameter got
-        its first gradient, holds none for them, and the optimizer rightly has none after load.
+        state dict may run collectives; each local step is agreed (``self.agree``), so that one
+        failing on one rank raises ``ResumeError`` on every rank. Moments are expected exactly
+        for the parameters the template asked for: a checkpoint saved before the first step, or
+        before a parameter got its first gradient, holds none for them, and the optimizer
+        rightly has none after load.
         """
         from ckptguard.states import ModelOptimizerState
 
         local: dict[str, list[str]] = {}
-        # never initialises an empty optimizer state, so a lost state shows as lost
-        live = ModelOptimizerState(self.model, self.optimizer if "optimizer" in template else None).state_dict()
-        if self.optimizer is not None and "optimizer" in template:
-            expected = [f for f, s in template["optimizer"].get("state", {}).items() if s]
-            held = live["optimizer"]["state"]
-            lost = [f for f in expected if not held.get(f)]
-            if lost:
-                local["optimizer_missing"] = [f"{len(lost)} of {len(expected)} parameters, e.g. {', '.join(lost[:5])}"]
-        if not any(self.gather(bool(local))):
-            for comp in ("model", "optimizer"):
-                if comp in template and comp in live:
-                    bad = statecheck.compare_nested(template[comp], live[comp], comp)
-                    if bad:
-                        local[comp] = bad
+        live: dict[str, Any] = {}
+
+        def read_live() -> bool:
+            # never initialises an empty optimizer state, so a lost state shows as lost
+            live.update(ModelOptimizerState(self.model, self.optimizer if "optimizer" in template else None).state_dict())
+            if self.optimizer is not None and "optimizer" in template:
+                expected = [f for f, s in template["optimizer"].get("state", {}).items() if s]
+                held = live["optimizer"]["state"]
+                lost = [f for f in expected if not held.get(f)]
+                if lost:
+                    local["optimizer_missing"] = [f"{len(lost)} of {len(expected)} parameters, e.g. {', '.join(lost[:5])}"]
+            return bool(local)
+
+        def compare(any_lost: bool) -> dict[str, list[str]]:
+            if not any_lost:
+                for comp in ("model", "optimizer"):
+                    if comp in template and comp in live:
+                        bad = statecheck.compare_nested(template[comp], live[comp], comp)
+                        if bad:
+                            local[comp] = bad
+            return local
+
+        what = "reading back the loaded state"
+        any_lost = any(self.agree(read_live, what=what, error=ResumeError, every_result=True))
         merged: dict[str, list[str]] = {}
-        for rank, part in enumerate(self.gather(local)):
+        parts = self.agree(lambda: compare(any_lost), what=what, error=ResumeError, every_result=True)
+        for rank, part in enumerate(parts):
             for k, v in part.items():
                 merged.setdefault(k, []).extend(f"rank {rank}: {x}" if self.world_size > 1 else x for x in v)
         out = []

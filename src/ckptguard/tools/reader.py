@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.tensor import DTensor
 
 from ckptguard.errors import CheckpointFormatError, CheckpointNotFoundError
 from ckptguard.layout import (  # noqa: F401 - read_checked_manifest is part of the tools API
@@ -105,6 +106,15 @@ def load_checkpoint(step_dir: str | Path) -> dict[str, Any]:
 
 def values_equal(a: Any, b: Any) -> bool:
     """Exact equality for leaves: ``torch.equal`` for tensors (dtype too), ``==`` otherwise."""
+    if isinstance(a, DTensor) or isinstance(b, DTensor):
+        # a shard read from a rank file (an FSDP2-sharded optimizer in ``extra``), compared
+        # outside any process group: torch.equal on a DTensor would run a collective
+        return (
+            isinstance(a, DTensor)
+            and isinstance(b, DTensor)
+            and a.placements == b.placements
+            and values_equal(a.to_local(), b.to_local())
+        )
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
