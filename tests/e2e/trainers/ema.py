@@ -1,0 +1,73 @@
+"""An exponential moving average of the weights (``torch.optim.swa_utils.AveragedModel``),
+updated after every optimizer step and checkpointed through ``extra={"ema": ema}``; on 2 ranks
+the model is DDP and the EMA averages the unwrapped module, as the PyTorch docs show."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data.distributed import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from ckptguard import CheckpointManager
+from ckptguard.testing import ResumeContext
+from tests._helpers import progression_windows
+
+
+class Net(nn.Module):
+    def __init__(self, vocab: int = 33, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(4 * dim, 64)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(64, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(F.gelu(self.hidden(self.embed(x).flatten(1)))))
+
+
+def train(ctx: ResumeContext) -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    dataset = progression_windows()
+    distributed = ctx.world_size > 1
+    sampler = DistributedSampler(dataset, seed=0, drop_last=True) if distributed else None
+    loader = StatefulDataLoader(
+        dataset, batch_size=16, shuffle=not distributed, sampler=sampler, drop_last=True
+    )
+    net = Net()
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    model = DDP(net) if distributed else net
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4))
+    mgr = CheckpointManager(
+        ctx.ckpt_dir, model=model, optimizer=optimizer, lr_scheduler=scheduler, dataloader=loader,
+        extra={"ema": ema}, strict=True,
+    )
+
+    step = mgr.load()
+    model.train()
+    while step < ctx.total_steps:
+        for x, y in loader:
+            step += 1
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            ema.update_parameters(net)
+            ctx.record(step, loss)
+            if ctx.should_stop(step):
+                mgr.save(step)
+                mgr.close()
+                return
+            if step >= ctx.total_steps:
+                break
+    ctx.finish(mgr, step)
