@@ -223,7 +223,7 @@ def machine_info(workdir: Path) -> dict[str, Any]:
 
 def _crc32_backend() -> str:
     try:
-        from ckptguard._crc import BACKEND
+        from ckptguard.core.crc import BACKEND
     except ImportError:
         return "zlib"
     return BACKEND

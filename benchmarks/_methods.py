@@ -33,8 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
 from ckptguard import CheckpointManager
 
 try:  # internals: the second-pass hashing reference row is skipped if they move
-    from ckptguard.commit import own_files
-    from ckptguard.integrity import hash_files
+    from ckptguard.core.integrity import hash_files
+    from ckptguard.core.records import own_files
 except ImportError:  # pragma: no cover - depends on the ckptguard version
     own_files = hash_files = None  # type: ignore[assignment]
 
@@ -50,28 +50,27 @@ _ROWS_PER_LAYER = 4096  # 64 MiB of float32 per layer at most
 EXTRA_PROBES: list[tuple[str, str, str]] = [
     ("(not an extra) dcp.save: plan, write, fsync, metadata", "torch.distributed.checkpoint",
      "save"),
-    ("(not an extra) state dicts: get_model/optimizer_state_dict", "ckptguard.states",
+    ("(not an extra) state dicts: get_model/optimizer_state_dict", "ckptguard.core.states",
      "ModelOptimizerState.state_dict"),
     ("prepare .partial dir + recover leftovers (rank 0)", "ckptguard.manager",
      "CheckpointManager._prepare_partial"),
-    ("RNG capture", "ckptguard.states", "capture_rng_state"),
-    ("rank file: RNG, scheduler, extras (torch.save + fsync)", "ckptguard.manager",
+    ("RNG capture", "ckptguard.core.states", "capture_rng_state"),
+    ("rank file: RNG, scheduler, extras (torch.save + fsync)", "ckptguard.core.records",
      "write_rank_file"),
-    ("fsync + crc32 of each DCP file, overlapped (inside DCP's write)", "ckptguard._writer",
+    ("fsync + crc32 of each DCP file, overlapped (inside DCP's write)", "ckptguard.core.writer",
      "_Sealer.seal"),
-    ("  of which fsync", "ckptguard._writer", "_fsync_file"),
-    ("  of which crc32 (in a parallel thread)", "ckptguard._writer", "crc32_file"),
-    ("done record (fsync + hash of files DCP did not write)", "ckptguard.manager",
+    ("  of which fsync", "ckptguard.core.writer", "fsync_file"),
+    ("  of which crc32 (in a parallel thread)", "ckptguard.core.writer", "crc32_file"),
+    ("done record (fsync + hash of files DCP did not write)", "ckptguard.core.records",
      "write_done_record"),
-    ("second-pass file hashing (hash_files)", "ckptguard.commit", "hash_files"),
+    ("second-pass file hashing (hash_files)", "ckptguard.core.records", "hash_files"),
     ("manifest + commit (rank 0; includes retention where deletion runs inside it)",
      "ckptguard.manager", "CheckpointManager._commit"),
-    ("retention: prune beyond keep_last (inside save(), or in the background)", "ckptguard.layout",
+    ("retention: prune beyond keep_last (inside save(), or in the background)", "ckptguard.core.commit",
      "CheckpointLayout.prune"),
-    ("  of which deleting checkpoints", "ckptguard.layout", "CheckpointLayout.delete"),
+    ("  of which deleting checkpoints", "ckptguard.core.commit", "CheckpointLayout.delete"),
     ("guard checks before save (+ trace fsync)", "ckptguard.guard.resume_guard",
      "ResumeGuard.before_save"),
-    ("guard bookkeeping after save", "ckptguard.guard.resume_guard", "ResumeGuard.after_save"),
     ("verify on load (read + crc32 of every file)", "ckptguard.manager",
      "CheckpointManager._verify"),
     ("rank file load + RNG restore", "ckptguard.manager", "load_rank_file"),
@@ -612,7 +611,7 @@ def method_ckptguard_async(ctx: Context, rep: int) -> dict[str, Any]:
         mgr.save(step, blocking=False)
         stall = time.perf_counter() - t0
         staged = None
-        stager = getattr(mgr, "_stager", None)  # ckptguard._staging.BackgroundStager
+        stager = getattr(mgr, "_stager", None)  # ckptguard.core.staging.BackgroundStager
         if stager is not None:
             stager.wait()
             staged = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """ckptguard: PyTorch training that resumes exactly where it stopped."""
 
 from ckptguard._version import FORMAT_VERSION, __version__
+from ckptguard.core.states.rng import WorkerRNGState
 from ckptguard.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -14,11 +15,12 @@ from ckptguard.errors import (
     UnsupportedStateError,
 )
 from ckptguard.guard.findings import Finding, GuardReport
+from ckptguard.guard.resume_guard import GuardOptions
 from ckptguard.manager import CheckpointManager
-from ckptguard.rng import WorkerRNGState
 
 __all__ = [
     "CheckpointManager",
+    "GuardOptions",
     "WorkerRNGState",
     "GuardReport",
     "Finding",

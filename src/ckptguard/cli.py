@@ -81,7 +81,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 @_tool
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from ckptguard.migrate import build_from_factory, migrate, read_param_names
+    from ckptguard.tools.migrate import build_from_factory, migrate, read_param_names
 
     if args.factory is None and args.param_names is None:
         raise ValueError(

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ckptguard.core.states.rng import WorkerRNGState
 from ckptguard.manager import CheckpointManager
-from ckptguard.rng import WorkerRNGState
 from ckptguard.testing import ResumeContext, ResumeReport, run_resume_check
 
 VOCAB = 33

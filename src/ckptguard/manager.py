@@ -26,10 +26,8 @@ import gc
 import logging
 import os
 import pickle
-import threading
 import time
 import weakref
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,20 +36,36 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.staging import AsyncStager
 
-from ckptguard import _dist
-from ckptguard._dist import describe_error, free_space_hint, quiet_no_dist
-from ckptguard._faults import fault_point, instrument_writer
-from ckptguard._reader import DirectFileSystemReader
-from ckptguard._staging import BackgroundStager
-from ckptguard._writer import HashingFileSystemWriter
-from ckptguard.commit import (
-    collect_done_records,
-    write_done_record,
-    write_failure_record,
-    write_rank_file,
+from ckptguard.core import dist as _dist
+from ckptguard.core import records
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.dist import describe_error, free_space_hint, quiet_no_dist
+from ckptguard.core.format import (
+    ABANDONED_DIR,
+    MANIFEST_NAME,
+    manifest_header,
+    read_checked_manifest,
+    step_dirname,
 )
+from ckptguard.core.integrity import verify_files
+from ckptguard.core.legacy import refuse_legacy_root
+from ckptguard.core.lifecycle import Resources, Staged, destroy_dropped_groups, writers
+from ckptguard.core.lock import RootLock
+from ckptguard.core.reader import DirectFileSystemReader
+from ckptguard.core.restore import is_read_failure, load_rank_file
+from ckptguard.core.retention import BackgroundDeleter, DeletionFailure
+from ckptguard.core.safe_pickle import SafeLoadPlanner, unsafe_pickle_cause
+from ckptguard.core.staging import BackgroundStager
+from ckptguard.core.states import (
+    MODEL,
+    OPTIMIZER,
+    ModelOptimizerState,
+    build_rank_states,
+    model_device_type,
+    optimizer_hyperparameters,
+)
+from ckptguard.core.writer import HashingFileSystemWriter
 from ckptguard.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -61,142 +75,11 @@ from ckptguard.errors import (
     CommitError,
     StateMismatchError,
 )
-from ckptguard.guard.resume_guard import ResumeGuard
-from ckptguard.integrity import verify_files
-from ckptguard.layout import (
-    ABANDONED_DIR,
-    MANIFEST_NAME,
-    BackgroundDeleter,
-    CheckpointLayout,
-    DeletionFailure,
-    RootLock,
-    manifest_header,
-    read_checked_manifest,
-    step_dirname,
-)
-from ckptguard.restore import is_read_failure, load_rank_file
-from ckptguard.safe_pickle import SafeLoadPlanner, unsafe_pickle_cause
-from ckptguard.states import (
-    MODEL,
-    OPTIMIZER,
-    ModelOptimizerState,
-    build_rank_states,
-    model_device_type,
-    optimizer_hyperparameters,
-)
+from ckptguard.guard import statecheck
+from ckptguard.guard.resume_guard import GuardOptions, ResumeGuard
+from ckptguard.guard.roundtrip import verify_roundtrip
 
 logger = logging.getLogger(__name__)
-
-
-# Groups of managers that were garbage collected, destroyed by the next manager created or
-# closed in this process: a finalizer may run in any thread, in the middle of
-# torch.distributed's own bookkeeping, so it only queues them.
-_dropped_groups: list[Any] = []
-_dropped_groups_lock = threading.Lock()
-
-
-# This process's writer of each root (rank 0), to let a temporary's async save finish first.
-_writers: weakref.WeakValueDictionary[str, CheckpointManager] = weakref.WeakValueDictionary()
-
-
-def _destroy_dropped_groups() -> None:
-    with _dropped_groups_lock:
-        groups = list(_dropped_groups)
-        _dropped_groups.clear()
-    for group in groups:
-        _dist.destroy_group(group)
-
-
-class _Resources:
-    """What a manager holds that reference counting alone does not free: the root's writer
-    lock (rank 0), its two gloo groups, the commit thread, the async stager (threads, an
-    optimizer hook, a host copy of the state), the retention deleter's thread (rank 0) and the
-    trace file.
-
-    Kept apart from the manager so that ``weakref.finalize`` can release them when the manager
-    is garbage collected without keeping it alive: a notebook cell run twice, or
-    ``CheckpointManager(...).save(n)`` as a temporary, must not leave the root locked. No
-    ``__del__``: a finalizer that waits or runs collectives could deadlock.
-    """
-
-    def __init__(self, lock: RootLock | None) -> None:
-        self.lock = lock
-        self.groups: list[Any] = []
-        self.executor: ThreadPoolExecutor | None = None
-        self.stager: BackgroundStager | None = None
-        self.deleter: BackgroundDeleter | None = None
-        self.closers: list[Callable[[], None]] = []
-
-    def release(self, *, dropped: bool) -> None:
-        """Free everything. ``dropped`` (garbage collected, or alive at exit): wait for no thread
-        and queue the groups for the next manager, since this may run in any thread. Pending
-        retention deletions are not waited for here (``close`` waits, bounded, before this):
-        the deleter stops after its current checkpoint and the next writer removes the rest."""
-        steps: list[tuple[str, Callable[[], None]]] = [(f"closing {c}", c) for c in self.closers]
-        if self.deleter is not None:
-            steps.insert(0, ("stopping the retention deleter", self._stop_deleter))
-        on_stager_thread = threading.current_thread().name.startswith("ckptguard-stage")
-        if self.stager is not None and not (dropped and on_stager_thread):
-            # (collected on the stager's own thread, close() would wait for itself)
-            steps.append(("closing the async stager", self.stager.close))
-        if self.executor is not None:
-            steps.append(("stopping the commit thread",
-                          functools.partial(self.executor.shutdown, wait=not dropped)))
-        if self.lock is not None:
-            steps.append((f"releasing {self.lock.path}", self.lock.release))
-        for what, step in steps:
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001 - free the rest; a finalizer cannot raise
-                logger.warning("%s failed: %s", what, describe_error(e))
-        self.closers, self.stager, self.executor, self.deleter = [], None, None, None
-        groups, self.groups = self.groups, []
-        if dropped:
-            with _dropped_groups_lock:
-                _dropped_groups.extend(groups)
-        else:
-            for group in groups:
-                _dist.destroy_group(group)
-
-    def _stop_deleter(self) -> None:
-        assert self.deleter is not None
-        left = self.deleter.stop()
-        if left:
-            logger.info(
-                "retention: %d checkpoint(s) still being deleted (%s) are left to the next "
-                "writer; they are .deleting directories, which no load considers",
-                len(left), ", ".join(str(p) for p in left),
-            )
-
-
-class _Staged(AsyncStager):
-    """Hands ``dcp.async_save`` the copy ``BackgroundStager.stage`` started before it.
-
-    If the background part of that copy fails on one rank, DCP's background save still runs
-    there, on the live state dict (same keys and shapes, so DCP's plan is valid; the values
-    written are never committed): its collectives pair up with the other ranks' instead of
-    leaving them waiting until the group times out, and ``_finish_async`` then reports the
-    copy's error (a failure record, so rank 0 does not commit, and ``wait`` on every rank).
-    """
-
-    _synchronize_after_execute = False
-
-    def __init__(self, staging: Future | None, live: dict[str, Any]) -> None:
-        assert staging is not None, "an async save stages in write_own_part"
-        self._staging = staging
-        self._live = live
-
-    def stage(self, state_dict: dict[str, Any], **_: Any) -> Future:
-        out: Future = Future()
-
-        def hand_over(staging: Future) -> None:
-            out.set_result(staging.result() if staging.exception() is None else self._live)
-
-        self._staging.add_done_callback(hand_over)
-        return out
-
-    def synchronize_staging(self) -> None:
-        pass
 
 
 @dataclass
@@ -278,11 +161,11 @@ class CheckpointManager:
         self._writing = False  # became the root's writer (first save); same on every rank
         # The root's writer lock, taken by the first save (see _become_writer), not here.
         self._lock = RootLock(self.root) if self.rank == 0 else None
-        self._resources = _Resources(self._lock)
+        self._resources = Resources(self._lock)
         # rank 0 removes what retention dooms, in the background (see _retain); no thread yet
         self._resources.deleter = BackgroundDeleter(self.layout) if self.rank == 0 else None
         self._finalizer = weakref.finalize(self, self._resources.release, dropped=True)
-        _destroy_dropped_groups()
+        destroy_dropped_groups()
         self._group = _dist.new_cpu_group()
         self._dcp_group = _dist.new_cpu_group()
         self._resources.groups += [self._group, self._dcp_group]
@@ -292,9 +175,10 @@ class CheckpointManager:
             # no lambda over self: a reference cycle would keep a dropped manager (and the
             # root's lock) alive until the cyclic collector runs
             agree=functools.partial(_dist.on_every_rank, group=self._group, root=self.root),
-            strict=strict,
-            allow_lr_change=allow_lr_change, global_batch_size=global_batch_size,
-            grad_accum_steps=grad_accum_steps, trace_rtol=trace_rtol,
+            options=GuardOptions(
+                strict=strict, allow_lr_change=allow_lr_change, global_batch_size=global_batch_size,
+                grad_accum_steps=grad_accum_steps, trace_rtol=trace_rtol,
+            ),
         )
         self.last_report = None  # the GuardReport of the last load() that found a checkpoint
         self._resources.closers.append(self.guard.close)
@@ -340,7 +224,7 @@ class CheckpointManager:
             if not self._await_dropped_writer():
                 raise
             self._lock.acquire()
-        _writers[os.path.realpath(self.root)] = self
+        writers[os.path.realpath(self.root)] = self
         logger.info("%s: this process is now the writer of %s", self._lock.path, self.root)
 
     def _await_dropped_writer(self, linger_s: float = 2.0) -> bool:
@@ -349,7 +233,7 @@ class CheckpointManager:
         ``CheckpointManager(...).save(n, blocking=False)`` as a temporary: the manager lives
         until its background commit ends (the commit thread holds it), then is collected and
         lets go of the lock. Wait for that commit; a writer the user still holds stays."""
-        other = _writers.get(os.path.realpath(self.root))
+        other = writers.get(os.path.realpath(self.root))
         if other is None or other is self or other._pending is None:
             return False
         try:
@@ -423,7 +307,7 @@ class CheckpointManager:
                 self._finish_deletions(timeout_s)
             finally:
                 self._resources.release(dropped=False)
-                _destroy_dropped_groups()
+                destroy_dropped_groups()
 
     @property
     def retention_errors(self) -> list[DeletionFailure]:
@@ -528,8 +412,7 @@ class CheckpointManager:
         # dcp.async_save: a rank whose staging failed there would never join the collectives
         # of the background save that the other ranks had already started.
         def write_own_part() -> tuple[dict[str, Any], Future | None]:
-            fault_point("partial_created")
-            write_rank_file(partial, step, self.rank, self.world_size, self._rank_states)
+            records.write_rank_file(partial, step, self.rank, self.world_size, self._rank_states)
             tensor_sd = self._tensor_state.state_dict()
             return tensor_sd, None if blocking else self._async_stager().stage(tensor_sd)
 
@@ -538,16 +421,14 @@ class CheckpointManager:
         hashing_writer = HashingFileSystemWriter(
             partial, single_file_per_rank=True, thread_count=self.thread_count
         )
-        writer = instrument_writer(hashing_writer)
         manifest = self._manifest_header(step, mode="sync" if blocking else "async")
         manifest["info"]["guard"] = guard_info
         if blocking:
 
             def write_tensors_and_record() -> None:
                 with quiet_no_dist():
-                    dcp.save(tensor_sd, storage_writer=writer, **self._dcp_kwargs())
-                fault_point("dcp_done")
-                write_done_record(partial, self.rank, hashing_writer)
+                    dcp.save(tensor_sd, storage_writer=hashing_writer, **self._dcp_kwargs())
+                records.write_done_record(partial, self.rank, hashing_writer)
 
             self._on_every_rank(write_tensors_and_record, f"writing {partial}")
             path = self._on_rank0_then_all(lambda: self._commit(step, manifest), error=CommitError)
@@ -556,7 +437,7 @@ class CheckpointManager:
 
         with quiet_no_dist():
             dcp_future = dcp.async_save(
-                tensor_sd, storage_writer=writer, async_stager=_Staged(staging, tensor_sd),
+                tensor_sd, storage_writer=hashing_writer, async_stager=Staged(staging, tensor_sd),
                 **self._dcp_kwargs(),
             )
         if not isinstance(dcp_future, Future):  # AsyncSaveResponse (async staging)
@@ -600,18 +481,16 @@ class CheckpointManager:
         self, dcp_future: Future, step: int, manifest: dict[str, Any],
         writer: HashingFileSystemWriter | None = None, staging: Future | None = None,
     ) -> Path | None:
-        fault_point("async_commit_start")
         partial = self.layout.partial_dir(step)
         try:
             dcp_future.exception()  # wait: DCP's save ran on every rank, even where staging failed
             if staging is not None:
                 staging.result()  # this rank's background copy failed: the cause of any DCP error
             dcp_future.result()
-            fault_point("dcp_done")
-            write_done_record(partial, self.rank, writer)
+            records.write_done_record(partial, self.rank, writer)
         except BaseException as e:
             # Tell rank 0, which polls for done records, not to wait commit_timeout_s for ours.
-            write_failure_record(partial, self.rank, e)
+            records.write_failure_record(partial, self.rank, e)
             raise
         if self.rank != 0:
             return None
@@ -643,10 +522,9 @@ class CheckpointManager:
     def _commit(self, step: int, manifest: dict[str, Any]) -> Path:
         partial = self.layout.partial_dir(step)
         try:
-            manifest["files"] = collect_done_records(partial, self.world_size, self.commit_timeout_s)
+            manifest["files"] = records.collect_done_records(partial, self.world_size, self.commit_timeout_s)
             manifest["committed_unix"] = time.time()
             self._set_aside_abandoned(step)  # before the rename: a crash then resumes from S
-            fault_point("commit_start")
             path = self.layout.commit(step, manifest)
         except OSError as e:
             final = self.layout.step_dir(step)
@@ -671,7 +549,6 @@ class CheckpointManager:
         would make the caller think it was lost."""
         self._report_retention_failures()
         try:
-            fault_point("prune_start")
             doomed = self.layout.retention_doomed(self.keep_last, protect=step)
             if doomed:
                 logger.info("retention: deleting steps %s under %s (in the background)", doomed, self.root)
@@ -827,9 +704,7 @@ class CheckpointManager:
                 )
         if not steps:
             # An old index-keyed checkpoint here means the user expects a resume: refuse
-            # instead of starting from step 0 with a fresh optimizer (see ckptguard.migrate).
-            from ckptguard.tools.legacy import refuse_legacy_root
-
+            # instead of starting from step 0 with a fresh optimizer (see ckptguard.tools.migrate).
             refuse_legacy_root(self.root)
         steps.reverse()
         return steps if fallback else steps[:1]
@@ -887,10 +762,8 @@ class CheckpointManager:
         if self.verify_on_load:
             self._verify(step_dir, manifest)
 
-        from ckptguard.guard.statecheck import read_saved_keys
-
         try:
-            return manifest, read_saved_keys(step_dir)  # DCP's .metadata
+            return manifest, statecheck.read_saved_keys(step_dir)  # DCP's .metadata
         except (OSError, EOFError, pickle.UnpicklingError) as e:
             raise self._unreadable(step_dir, e) from e
 
@@ -948,9 +821,11 @@ class CheckpointManager:
         """Save to a hidden directory, restore into the live objects, compare every tensor and
         value bitwise; returns a ``RoundtripResult`` naming the components that changed. The
         dataloader is not touched. Every rank must call it."""
-        from ckptguard.guard.roundtrip import verify_roundtrip
-
-        return verify_roundtrip(self)
+        self.wait()
+        return verify_roundtrip(
+            root=self.root, tensor_state=self._tensor_state, rank_states=self._rank_states,
+            group=self._group, dcp_kwargs=self._dcp_kwargs(), tag=self.guard.segment,
+        )
 
     # ------------------------------------------------------------------ helpers
 

@@ -1,4 +1,4 @@
-"""Background staging of async saves on 2 FSDP2 ranks (``ckptguard._staging``).
+"""Background staging of async saves on 2 FSDP2 ranks (``ckptguard.core.staging``).
 
 The sharded parameters and moments are DTensors: the stager must recognise their local shards
 as the optimizer's (copied in the background, guarded by the step hook) and watch the DTensor's
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
-from ckptguard._staging import BackgroundStager
+from ckptguard.core.staging import BackgroundStager
 from ckptguard.errors import CommitError
 from tests.distributed._fsdp import (
     assert_all_ranks,

@@ -18,7 +18,7 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 
 from ckptguard import CheckpointManager
-from ckptguard.layout import LOCK_NAME
+from ckptguard.core.format import LOCK_NAME
 from tests._helpers import optimizer_tensors
 from tests.distributed._fsdp import assert_all_ranks, tensor_problems
 

@@ -1,7 +1,7 @@
 """A rank that fails during a 2-rank save: no checkpoint is committed, every rank is told.
 
 Run with ``torchrun --nproc_per_node=2 -m pytest tests/distributed/test_rank_failure.py``.
-One rank raises ``OSError(ENOSPC)`` at a phase of a save (``ckptguard._faults``, armed on both
+One rank raises ``OSError(ENOSPC)`` at a phase of a save (``ckptguard.testing.faults``, armed on both
 ranks, firing on one); both ranks must raise the same ``CommitError`` naming the failing rank,
 promptly (not after ``commit_timeout_s``, not by hanging in a collective the failed rank never
 joins), the previous checkpoint must stay the newest and intact, and the next save must work.
@@ -15,8 +15,9 @@ import logging
 import pytest
 import torch.distributed as dist
 
-from ckptguard import CheckpointCorruptError, CheckpointManager, CommitError, _faults
-from ckptguard.layout import CheckpointLayout
+from ckptguard import CheckpointCorruptError, CheckpointManager, CommitError
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.testing import faults
 from tests.distributed._fsdp import (
     assert_all_ranks,
     build_sharded,
@@ -61,7 +62,7 @@ def test_one_rank_failing_mid_save_commits_nothing(mesh, shared_tmp, point, bad_
     train_sharded(model, optimizer, scheduler, 1, first_batch=1)
 
     problems: list[str] = []
-    with _faults.injected(f"{point}:rank={bad_rank}:action=raise"):
+    with faults.injected(f"{point}:rank={bad_rank}:action=raise"):
         try:
             mgr.save(2, blocking=blocking)
             mgr.wait()

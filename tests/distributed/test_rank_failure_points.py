@@ -39,11 +39,12 @@ from ckptguard import (
     ResumeError,
     StateMismatchError,
 )
-from ckptguard._reader import DirectFileSystemReader
-from ckptguard._staging import BackgroundStager, StagingError
+from ckptguard.core import records
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.reader import DirectFileSystemReader
+from ckptguard.core.staging import BackgroundStager, StagingError
+from ckptguard.core.states import ModelOptimizerState
 from ckptguard.guard.resume_guard import ResumeGuard
-from ckptguard.layout import CheckpointLayout
-from ckptguard.states import ModelOptimizerState
 from tests._helpers import Counter
 from tests.distributed._fsdp import (
     all_gather,
@@ -323,7 +324,7 @@ def test_close_after_a_failed_background_commit_fails_on_every_rank(mesh, shared
     run = Run(mesh, shared_tmp)
     with monkeypatch.context() as m:
         if _bad():
-            m.setattr(manager_module, "write_done_record",
+            m.setattr(records, "write_done_record",
                       _raising(OSError(errno.ENOSPC, "No space left on device")))
         run.mgr.save(2, blocking=False)
         outcome = _attempt(run.mgr.close)

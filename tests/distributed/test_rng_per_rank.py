@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ckptguard import CheckpointManager
-from ckptguard.rng import restore_rng_state
+from ckptguard.core.states.rng import restore_rng_state
 from ckptguard.tools.reader import load_rank_states
 from tests.distributed._fsdp import (
     all_gather,

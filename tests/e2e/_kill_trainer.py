@@ -10,7 +10,7 @@ CPU mesh). It records, in ``--out-dir``:
   shards of every parameter and optimizer tensor, and every RNG stream) right after saving or
   loading step N, so a test can check that what a new process loads is what was saved.
 
-A crash is injected with ``CKPTGUARD_FAULT`` (see ``ckptguard._faults``), never by timing.
+A crash is injected with ``CKPTGUARD_FAULT`` (see ``ckptguard.testing.faults``), never by timing.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ckptguard import CheckpointManager
 from ckptguard.demo import TinyLM, TokenWindows, build_optimizer, warmup_cosine
+from ckptguard.testing import faults
 
 
 def live_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -49,6 +50,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
+    faults.install()  # CKPTGUARD_FAULT: the phase this run is killed at
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt-dir", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)

@@ -259,14 +259,14 @@ def test_last_batch_save_without_sampler_epoch_warns_once(caplog):
     """A shuffling loader without ``set_epoch``: after its last batch ckptguard cannot tell a loop
     that resumes at the next epoch from one that re-enters the ended one, so the save says what
     the resume will do (a new epoch) and how to write the loop."""
-    from ckptguard.states import DataLoaderState
+    from ckptguard.core.states import DataLoaderState
     from tests._helpers import make_loader
 
     loader = make_loader(n=8, batch_size=4)
     state = DataLoaderState(loader)
     it = iter(loader)
     next(it)
-    with caplog.at_level("WARNING", logger="ckptguard.states"):
+    with caplog.at_level("WARNING", logger="ckptguard.core.states"):
         state.state_dict()  # mid-epoch: unambiguous
         next(it)
         state.state_dict()

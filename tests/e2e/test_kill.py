@@ -35,9 +35,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptguard import _faults
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import step_dirname
 from ckptguard.demo import make_dataset
-from ckptguard.layout import CheckpointLayout, step_dirname
+from ckptguard.testing import faults
 from ckptguard.tools.reader import load_checkpoint, values_equal
 
 TRAINER = Path(__file__).with_name("_kill_trainer.py")
@@ -61,8 +62,8 @@ RANK0_ONLY = {
 }
 # Phases on the caller's thread in both modes; async differs only in the background phases.
 MAIN_THREAD = {"partial_created", "rank_file_written"}
-SYNC_POINTS = [p for p in _faults.POINTS if p != "async_commit_start"]
-ASYNC_POINTS = [p for p in _faults.POINTS if p not in MAIN_THREAD]
+SYNC_POINTS = [p for p in faults.POINTS if p != "async_commit_start"]
+ASYNC_POINTS = [p for p in faults.POINTS if p not in MAIN_THREAD]
 
 
 @dataclass(frozen=True)
@@ -166,9 +167,9 @@ def _launch(
     else:
         cmd = [sys.executable, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop(_faults.ENV_VAR, None)
+    env.pop(faults.ENV_VAR, None)
     if fault is not None:
-        env[_faults.ENV_VAR] = fault
+        env[faults.ENV_VAR] = fault
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.txt"
     with open(log_path, "w") as log:
@@ -385,7 +386,7 @@ def test_kill_soak(case, tmp_path, data, references, summary):
 
 def test_case_matrix_covers_every_phase():
     """The CI matrix kills at every fault point in each mode it applies to (a new point added
-    to ``_faults.POINTS`` without a kill test fails here)."""
+    to ``faults.POINTS`` without a kill test fails here)."""
     cases = ci_cases()
     assert {c.point for c in cases if c.nproc == 1 and c.mode == "sync"} == set(SYNC_POINTS)
     assert {c.point for c in cases if c.nproc == 1 and c.mode == "async"} == set(ASYNC_POINTS)
@@ -395,10 +396,10 @@ def test_case_matrix_covers_every_phase():
 def test_fault_spec_is_validated():
     """A misspelt fault point is an error, not a fault that silently never fires."""
     with pytest.raises(ValueError, match="unknown fault point 'dcp_wirte'"):
-        _faults.FaultSpec.parse("dcp_wirte:hit=3")
+        faults.FaultSpec.parse("dcp_wirte:hit=3")
     with pytest.raises(ValueError, match="action must be one of"):
-        _faults.FaultSpec.parse("dcp_write:action=explode")
-    spec = _faults.FaultSpec.parse("renamed:rank=1:hit=2:action=raise")
+        faults.FaultSpec.parse("dcp_write:action=explode")
+    spec = faults.FaultSpec.parse("renamed:rank=1:hit=2:action=raise")
     assert (spec.point, spec.rank, spec.hit, spec.action) == ("renamed", 1, 2, "raise")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptguard.layout import CheckpointLayout
+from ckptguard.core.commit import CheckpointLayout
 from ckptguard.testing import ResumeReport, assert_resumes_exactly
 
 TOTAL_STEPS = 12

@@ -1,4 +1,4 @@
-"""Async saves copy the bulk of the state in the background (``ckptguard._staging``).
+"""Async saves copy the bulk of the state in the background (``ckptguard.core.staging``).
 
 The caller gets control back before the parameters and moments are copied; the next
 ``optimizer.step()`` waits for the copy; the checkpoint is bit-exactly the saved step although
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ckptguard import CheckpointManager
-from ckptguard._staging import BackgroundStager, cuda_devices, record_events
+from ckptguard.core.staging import BackgroundStager, cuda_devices, record_events
 from ckptguard.demo import TinyLM, build_optimizer
 from ckptguard.errors import CommitError
 from tests._helpers import assert_tensors_equal, clone_tensors, optimizer_tensors, train_steps

@@ -25,11 +25,13 @@ from typing import Any
 import pytest
 import torch
 
-import ckptguard.layout as layout_mod
-from ckptguard import CheckpointManager, _faults
-from ckptguard._staging import BackgroundStager
+import ckptguard.core.commit as commit_mod
+from ckptguard import CheckpointManager
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import LOCK_NAME, MANIFEST_NAME, step_dirname
+from ckptguard.core.staging import BackgroundStager
 from ckptguard.demo import TinyLM, build_optimizer
-from ckptguard.layout import LOCK_NAME, MANIFEST_NAME, CheckpointLayout, step_dirname
+from ckptguard.testing import faults
 from tests._helpers import (
     assert_tensors_equal,
     launcher_free_env,
@@ -136,7 +138,7 @@ def gate(monkeypatch) -> Gate:
                 g._running -= 1
                 g.finished.append(Path(path).name)
 
-    monkeypatch.setattr(layout_mod.shutil, "rmtree", held_rmtree)
+    monkeypatch.setattr(commit_mod.shutil, "rmtree", held_rmtree)
     yield g
     g.open()
 
@@ -228,7 +230,7 @@ def test_failed_deletion_is_reported_and_training_goes_on(tmp_path, caplog, caus
     stuck = root / step_dirname(1) / "rank-00000.pt"
     if cause == "undeletable file" and not _chattr(stuck, "+i"):
         pytest.skip("chattr +i is not available on this file system")
-    fault = _faults.injected("prune_removing:action=raise") if cause == "I/O error" else _nothing()
+    fault = faults.injected("prune_removing:action=raise") if cause == "I/O error" else _nothing()
     try:
         with caplog.at_level(logging.WARNING, logger="ckptguard"), fault:
             tr.train(1)
@@ -357,7 +359,9 @@ def test_a_dropped_manager_does_not_wait_and_the_next_writer_finishes(tmp_path, 
 _KILLED_TRAINER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
+    from ckptguard.testing import faults
     from tests.unit.test_background_retention import trainer
+    faults.install()
     root, out = Path(sys.argv[1]), Path(sys.argv[2])
     tr = trainer(root, keep_last=1)
     tr.train(3)
@@ -373,7 +377,7 @@ _KILLED_TRAINER = textwrap.dedent("""
 def test_sigkill_while_deleting_then_load_is_exact_and_the_next_writer_cleans_up(tmp_path):
     root, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()
-    env = dict(launcher_free_env(), **{_faults.ENV_VAR: "prune_removing:action=kill", "OMP_NUM_THREADS": "1"})
+    env = dict(launcher_free_env(), **{faults.ENV_VAR: "prune_removing:action=kill", "OMP_NUM_THREADS": "1"})
     proc = subprocess.run(
         [sys.executable, "-c", _KILLED_TRAINER, str(root), str(out)], env=env, capture_output=True,
         text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],

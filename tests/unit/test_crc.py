@@ -1,4 +1,4 @@
-"""Parallel CRC-32 (``ckptguard._crc``): segments combined must equal zlib's one pass exactly,
+"""Parallel CRC-32 (``ckptguard.core.crc``): segments combined must equal zlib's one pass exactly,
 or every checkpoint written with it would fail verification (and a wrong combine would hide
 damage)."""
 
@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 
-from ckptguard import _crc
-from ckptguard.integrity import crc32_file
+from ckptguard.core import crc as _crc
+from ckptguard.core.integrity import crc32_file
 
 
 def test_combine_equals_one_pass():

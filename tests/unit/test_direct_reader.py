@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ckptguard._reader import DirectFileSystemReader
+from ckptguard.core.reader import DirectFileSystemReader
 from tests._helpers import assert_tensors_equal
 
 pytestmark = [
@@ -117,7 +117,7 @@ def test_the_fast_path_is_taken_only_when_the_raw_bytes_are_the_values(tmp_path,
     """The property the fast path rests on, for every layout as ``torch.save`` (DCP's item
     format) writes it: when ``_stored_tensor`` says row-major, the raw storage bytes are the
     values in row-major order; and plain contiguous tensors are always recognised."""
-    from ckptguard._reader import _Slice, _stored_tensor
+    from ckptguard.core.reader import _Slice, _stored_tensor
 
     for layout, t in _layouts(_VALUES[name]).items():
         path = tmp_path / f"{layout}.pt"
@@ -159,7 +159,7 @@ def test_a_crafted_tensor_record_runs_no_code_and_falls_back(tmp_path, monkeypat
     import pickletools
     import zipfile
 
-    from ckptguard._reader import _parse_tensor_record
+    from ckptguard.core.reader import _parse_tensor_record
 
     calls = []
     monkeypatch.setattr("os.system", lambda cmd: calls.append(cmd))

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager, ResumeError, StateMismatchError
+from ckptguard.core.format import MANIFEST_NAME, step_dirname
 from ckptguard.demo import TinyLM, build_optimizer
 from ckptguard.guard import Severity
-from ckptguard.layout import MANIFEST_NAME, step_dirname
 from tests._helpers import (
     make_loader,
     make_training_objects,

@@ -11,9 +11,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ckptguard import CheckpointManager
-from ckptguard._writer import HashingFileSystemWriter
-from ckptguard.integrity import hash_files
-from ckptguard.layout import read_manifest
+from ckptguard.core.format import read_manifest
+from ckptguard.core.integrity import hash_files
+from ckptguard.core.writer import HashingFileSystemWriter
 from tests._helpers import make_training_objects, train_steps
 
 pytestmark = [

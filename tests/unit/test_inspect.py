@@ -10,8 +10,8 @@ import torch
 
 from ckptguard.cli import main
 from ckptguard.errors import CheckpointFormatError
-from ckptguard.migrate import migrate
 from ckptguard.tools.inspect import CheckpointInfo, RootInfo, format_nbytes, inspect_path
+from ckptguard.tools.migrate import migrate
 from tests._helpers import (
     TiedLM,
     build_tied_optimizer,

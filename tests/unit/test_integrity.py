@@ -17,8 +17,8 @@ from ckptguard import (
     CheckpointManager,
     __version__,
 )
-from ckptguard.integrity import crc32_file, hash_files, verify_files
-from ckptguard.layout import MANIFEST_NAME, read_manifest
+from ckptguard.core.format import MANIFEST_NAME, read_manifest
+from ckptguard.core.integrity import crc32_file, hash_files, verify_files
 from tests._helpers import (
     assert_tensors_equal,
     clone_tensors,

@@ -8,15 +8,11 @@ import os
 import pytest
 import torch
 
-import ckptguard.layout as layout_mod
+import ckptguard.core.storage as storage_mod
 from ckptguard import CheckpointManager, CommitError
-from ckptguard.layout import (
-    MANIFEST_NAME,
-    CheckpointLayout,
-    rank_filename,
-    step_dirname,
-    write_json_durably,
-)
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import MANIFEST_NAME, rank_filename, step_dirname
+from ckptguard.core.storage import write_json_durably
 from tests._helpers import (
     assert_tensors_equal,
     clone_tensors,
@@ -161,7 +157,7 @@ def test_failed_save_deletes_nothing_and_is_never_loaded(tmp_path, monkeypatch, 
             f.write(json.dumps(obj)[:20])  # half a manifest, then the "crash"
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(layout_mod, "write_json_durably", torn_manifest)
+    monkeypatch.setattr(storage_mod, "write_json_durably", torn_manifest)
     if blocking:
         with pytest.raises(CommitError, match="step-00000002.*No space.*untouched"):
             mgr.save(2)
@@ -169,7 +165,7 @@ def test_failed_save_deletes_nothing_and_is_never_loaded(tmp_path, monkeypatch, 
         mgr.save(2, blocking=False)
         with pytest.raises(CommitError, match="step 2.*No space"):
             mgr.wait()
-    monkeypatch.setattr(layout_mod, "write_json_durably", write_json_durably)
+    monkeypatch.setattr(storage_mod, "write_json_durably", write_json_durably)
 
     partial = tmp_path / ".step-00000002.partial"
     assert partial.is_dir() and (partial / MANIFEST_NAME).is_file()

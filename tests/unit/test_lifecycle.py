@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import ckptguard.layout as layout_mod
+import ckptguard.core.lock as lock_mod
 import ckptguard.manager as manager_mod
 from ckptguard import CheckpointLockedError, CheckpointManager, CheckpointNotFoundError
 from ckptguard.cli import main as cli_main
-from ckptguard.layout import LOCK_NAME, CheckpointLayout
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import LOCK_NAME
 from tests._helpers import (
     assert_model_equal,
     assert_tensors_equal,
@@ -290,7 +291,7 @@ def test_lock_left_by_a_killed_writer_on_this_host_is_taken_over_with_a_warning(
     root.mkdir()
     stale = f"pid={dead.pid} host={os.uname().nodename} since=2026-01-01T00:00:00+0000\n"
     (root / LOCK_NAME).write_text(stale)
-    with caplog.at_level(logging.WARNING, logger="ckptguard.layout"):
+    with caplog.at_level(logging.WARNING, logger="ckptguard.core.lock"):
         with CheckpointManager(root, model=torch.nn.Linear(2, 2)) as mgr:
             mgr.save(1)
             assert f"pid={os.getpid()}" in holder_line(root)
@@ -302,7 +303,7 @@ def test_lock_left_by_a_writer_on_another_host_of_a_network_fs_says_how_to_clear
     root = tmp_path / "ckpt"
     root.mkdir()
     (root / LOCK_NAME).write_text("pid=4242 host=node-17 since=2026-01-01T00:00:00+0000\n")
-    monkeypatch.setattr(layout_mod, "_is_network_fs", lambda path: True)
+    monkeypatch.setattr(lock_mod, "_is_network_fs", lambda path: True)
     mgr = CheckpointManager(root, model=torch.nn.Linear(2, 2))
     with pytest.raises(CheckpointLockedError) as err:
         mgr.save(1)
@@ -430,7 +431,7 @@ def test_holder_line_of_ckptguard_0_1_is_replaced_even_on_a_network_fs(tmp_path,
     root = tmp_path / "ckpt"
     root.mkdir()
     (root / LOCK_NAME).write_text("pid=4242 host=node-17\n")
-    monkeypatch.setattr(layout_mod, "_is_network_fs", lambda path: True)
+    monkeypatch.setattr(lock_mod, "_is_network_fs", lambda path: True)
     with CheckpointManager(root, model=torch.nn.Linear(2, 2)) as mgr:
         mgr.save(1)
     assert holder_line(root) == ""

@@ -1,4 +1,4 @@
-"""ckptguard.migrate and the legacy-checkpoint refusal in CheckpointManager.load().
+"""ckptguard.tools.migrate and the legacy-checkpoint refusal in CheckpointManager.load().
 
 The old format keys optimizer state by integer position in param_groups. These tests build such
 checkpoints with decay/no-decay groups and tied weights, and check that the migration names every
@@ -15,16 +15,17 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
+from ckptguard import manager as manager_module
 from ckptguard.cli import main
+from ckptguard.core.format import read_manifest
 from ckptguard.errors import (
     CheckpointExistsError,
     CheckpointFormatError,
     CheckpointLockedError,
     StateMismatchError,
 )
-from ckptguard.layout import read_manifest
-from ckptguard.migrate import build_from_factory, migrate, read_param_names
 from ckptguard.tools import legacy
+from ckptguard.tools.migrate import build_from_factory, migrate, read_param_names
 from tests._helpers import (
     RecordingBar,
     TiedLM,
@@ -84,7 +85,7 @@ def test_load_refuses_old_index_keyed_checkpoint_instead_of_starting_fresh(tmp_p
 
     # The bug this guards against: without the check, load() finds no step-* directory and
     # returns 0, and training silently restarts with fresh weights and an empty optimizer.
-    monkeypatch.setattr(legacy, "refuse_legacy_root", lambda root: None)
+    monkeypatch.setattr(manager_module, "refuse_legacy_root", lambda root: None)
     m2, o2, s2 = build_tied_training(seed=1)
     with CheckpointManager(root, model=m2, optimizer=o2, lr_scheduler=s2) as mgr:
         assert mgr.load() == 0
@@ -178,7 +179,7 @@ def test_migrated_checkpoint_loads_with_a_dataloader_and_later_saves_hold_it(old
     model, opt, sched = build_tied_training(seed=123)
     loader = StatefulDataLoader(list(range(8)), batch_size=2)
     with CheckpointManager(tmp_path / "new", model=model, optimizer=opt, lr_scheduler=sched, dataloader=loader) as mgr:
-        with caplog.at_level("WARNING", logger="ckptguard.restore"):
+        with caplog.at_level("WARNING", logger="ckptguard.core.restore"):
             assert mgr.load() == 3
         assert "holds no 'dataloader' state" in caplog.text and "first batch" in caplog.text
         it = iter(loader)
@@ -553,7 +554,7 @@ def test_old_checkpoint_saved_from_gpu_migrates_and_loads_on_gpu(tmp_path):
 
 def test_migrate_reports_progress_per_phase(old_ckpt, tmp_path, monkeypatch):
     bar = RecordingBar()
-    monkeypatch.setattr("ckptguard.migrate.progress", bar)
+    monkeypatch.setattr("ckptguard.tools.migrate.progress", bar)
     migrate(old_ckpt[0], tmp_path / "new", **_meta_kw())
     assert bar.calls[0]["desc"] == "migrate" and bar.calls[0]["total"] == 3
     assert bar.phases == ["reading", "mapping", "writing"] and bar.updates == 3

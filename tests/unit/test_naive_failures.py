@@ -14,8 +14,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ckptguard import CheckpointManager, UnsupportedStateError
-from ckptguard.layout import rank_filename
-from ckptguard.rng import WorkerRNGState
+from ckptguard.core.format import rank_filename
+from ckptguard.core.states.rng import WorkerRNGState
 from tests._helpers import (
     assert_model_equal,
     assert_tensors_equal,
@@ -282,7 +282,7 @@ def _worker_resume(tmp_path, dataset_cls, caplog):
     it = iter(original)
     for _ in range(5):
         next(it)
-    with caplog.at_level("WARNING", logger="ckptguard.states"):
+    with caplog.at_level("WARNING", logger="ckptguard.core.states"):
         mgr = CheckpointManager(tmp_path, model=model, optimizer=optimizer, dataloader=original)
     mgr.save(5)
     mgr.close()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
 from ckptguard import CheckpointManager, StateMismatchError
-from ckptguard.states import OPTIMIZER, ModelOptimizerState
+from ckptguard.core.states import OPTIMIZER, ModelOptimizerState
 from tests._helpers import (
     assert_model_equal,
     assert_tensors_equal,

@@ -1,7 +1,7 @@
 """Reliability in one process: full disk, damaged checkpoints, two writers, untrusted files.
 
 Faults are injected where they happen in real life: ENOSPC raised from inside the write path at
-every phase of a save (``ckptguard._faults``), a real kernel write limit (RLIMIT_FSIZE), bytes
+every phase of a save (``ckptguard.testing.faults``), a real kernel write limit (RLIMIT_FSIZE), bytes
 flipped / cut / removed on disk, a second manager on the same root (in this process and in
 another), and a rank file crafted to run code when unpickled. Each test states the guarantee:
 a clear error naming the path, no checkpoint ``load()`` could pick, the previous checkpoint
@@ -34,9 +34,10 @@ from ckptguard import (
     CheckpointManager,
     CheckpointNotFoundError,
     CommitError,
-    _faults,
 )
-from ckptguard.layout import CheckpointLayout, rank_filename, step_dirname
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import rank_filename, step_dirname
+from ckptguard.testing import faults
 from ckptguard.tools.reader import load_checkpoint, values_equal
 from tests._helpers import (
     flip_byte,
@@ -121,7 +122,7 @@ def test_disk_full_during_save(tmp_path, point, mode):
     tr.advance(2)
     at_4 = tr.tensors()
 
-    with _faults.injected(f"{point}:action=raise"), pytest.raises(CommitError) as err:
+    with faults.injected(f"{point}:action=raise"), pytest.raises(CommitError) as err:
         _save(tr, 4, mode)
     msg = str(err.value)
     assert "No space left on device" in msg, msg
@@ -151,7 +152,7 @@ def test_disk_full_on_another_step_is_cleaned_by_the_next_save(tmp_path):
     tr = build(root)
     tr.advance(1)
     tr.mgr.save(1)
-    with _faults.injected("dcp_write:action=raise"), pytest.raises(CommitError):
+    with faults.injected("dcp_write:action=raise"), pytest.raises(CommitError):
         tr.mgr.save(2)
     assert (root / ".step-00000002.partial").exists()
     tr.advance(1)
@@ -168,7 +169,7 @@ def test_failure_after_rename_is_reported_but_the_checkpoint_stands(tmp_path, mo
     root = tmp_path / "ckpt"
     tr = build(root)
     tr.advance(1)
-    with _faults.injected("renamed:action=raise"), pytest.raises(CommitError, match="renamed into place"):
+    with faults.injected("renamed:action=raise"), pytest.raises(CommitError, match="renamed into place"):
         _save(tr, 1, mode)
     assert tr.mgr.steps() == [1]
     tr.mgr.close()
@@ -186,7 +187,7 @@ def test_retention_failure_does_not_fail_a_committed_save(tmp_path, caplog, poin
         tr.advance(1)
         _save(tr, step, mode)
     tr.advance(1)
-    with caplog.at_level(logging.WARNING, logger="ckptguard"), _faults.injected(f"{point}:action=raise"):
+    with caplog.at_level(logging.WARNING, logger="ckptguard"), faults.injected(f"{point}:action=raise"):
         path = _save(tr, 3, mode)
     assert path == root / step_dirname(3)
     assert "retention: could not delete old checkpoints" in caplog.text
@@ -205,7 +206,7 @@ def test_overwrite_failure_puts_the_old_checkpoint_back(tmp_path):
     tr.mgr.save(1)
     before = load_checkpoint(root / step_dirname(1))
     tr.advance(1)
-    with _faults.injected("overwrite_replaced:action=raise"), pytest.raises(CommitError):
+    with faults.injected("overwrite_replaced:action=raise"), pytest.raises(CommitError):
         tr.mgr.save(1, overwrite=True)
     assert tr.mgr.steps() == [1], "the old step-1 must be back in place at once, not at next start"
     assert_checkpoint_unchanged(root / step_dirname(1), before)
@@ -427,7 +428,7 @@ def test_second_job_on_the_same_root_is_refused_and_a_dead_job_frees_it(tmp_path
         proc.wait(timeout=60)
     mgr = CheckpointManager(root, model=torch.nn.Linear(2, 2))  # the kernel dropped its lock
     assert mgr.load() == 7
-    with caplog.at_level(logging.WARNING, logger="ckptguard.layout"):
+    with caplog.at_level(logging.WARNING, logger="ckptguard.core.lock"):
         mgr.save(8)  # its holder line is left: taken over, and said so
     assert any(f"pid={proc.pid}" in r.getMessage() and "taking over" in r.getMessage() for r in caplog.records)
     mgr.close()
@@ -509,7 +510,7 @@ def test_swapped_dcp_metadata_is_refused_before_it_is_unpickled(two_checkpoints,
 def test_forged_manifest_and_dcp_metadata_run_no_code(two_checkpoints, tmp_path):
     """Whoever can rewrite both ``.metadata`` and the manifest (so every checksum passes) still
     cannot run code in the loading process: ``.metadata`` goes through ckptguard's restricted
-    unpickler (``ckptguard.safe_pickle``), which names the file and the forbidden type."""
+    unpickler (``ckptguard.core.safe_pickle``), which names the file and the forbidden type."""
     root, _ = two_checkpoints
     marker = tmp_path / "pwned"
     _plant_metadata_payload(root / step_dirname(2), marker, fix_checksum=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
-from ckptguard.rng import capture_rng_state, restore_rng_state
+from ckptguard.core.states.rng import capture_rng_state, restore_rng_state
 from tests._helpers import assert_draws_equal, make_training_objects, rng_draws
 
 pytestmark = pytest.mark.timeout(60)
@@ -126,7 +126,7 @@ def test_save_draws_nothing_from_the_rngs(tmp_path):
 def test_worker_rng_state_is_empty_in_the_main_process():
     """With ``num_workers=0`` the manager's own RNG state covers the dataset's draws; the mixin
     must neither save nor restore (and so never rewind) the main process's streams."""
-    from ckptguard.rng import WorkerRNGState
+    from ckptguard.core.states.rng import WorkerRNGState
 
     ds = WorkerRNGState()
     assert ds.state_dict() == {}

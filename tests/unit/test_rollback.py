@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckptguard import CheckpointManager, _faults
+from ckptguard import CheckpointManager
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import step_dirname
 from ckptguard.demo import TinyLM, TokenWindows, build_optimizer, make_dataset, warmup_cosine
 from ckptguard.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckptguard.guard.audit import audit
-from ckptguard.layout import CheckpointLayout, step_dirname
+from ckptguard.testing import faults
 from ckptguard.tools.inspect import inspect_path
 from ckptguard.tools.reader import load_checkpoint, values_equal
 from tests._helpers import assert_tensors_equal, launcher_free_env, optimizer_tensors
@@ -329,7 +331,9 @@ CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
+    from ckptguard.testing import faults
     from tests.unit.test_rollback import build, halve_lr, state_of, train
+    faults.install()
 
     root, data = Path(sys.argv[1]), Path(sys.argv[2])
     run = build(root, data, keep_last=None)
@@ -344,7 +348,7 @@ CHILD = textwrap.dedent("""
 
 def run_killed(tmp_path: Path, data: Path, fault: str) -> Path:
     root = tmp_path / "ckpt"
-    env = {**launcher_free_env(), _faults.ENV_VAR: fault}
+    env = {**launcher_free_env(), faults.ENV_VAR: fault}
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(root), str(data)],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=300,
@@ -388,8 +392,7 @@ def test_overwrite_killed_mid_commit_shows_old_or_new_complete_to_a_reader(
         if name == point:
             raise SimulatedKill
 
-    monkeypatch.setattr("ckptguard.layout.fault_point", fault)
-    with pytest.raises(SimulatedKill):
+    with faults.hooked(fault), pytest.raises(SimulatedKill):
         run.mgr.save(2, overwrite=True)
     monkeypatch.undo()
     run.mgr._lock.release()  # the kernel drops a dead process's flock

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager, UnsupportedStateError
-from ckptguard.states import (
+from ckptguard.core.states import (
     DATALOADER,
     LR_SCHEDULER,
     MODEL,

@@ -20,20 +20,20 @@ import pytest
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from ckptguard import CheckpointManager
-from ckptguard._reader import DirectFileSystemReader
 from ckptguard.cli import main
-from ckptguard.errors import CheckpointCorruptError, CheckpointFormatError
-from ckptguard.integrity import hash_files
-from ckptguard.migrate import build_from_factory, load_factory, migrate
-from ckptguard.safe_pickle import (
+from ckptguard.core.integrity import hash_files
+from ckptguard.core.reader import DirectFileSystemReader
+from ckptguard.core.safe_pickle import (
     UnsafePickleError,
     allow_unsafe_pickle,
     loads_dcp_metadata,
     read_dcp_metadata,
 )
+from ckptguard.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptguard.tools.diff import diff_checkpoints
 from ckptguard.tools.export import export_model
 from ckptguard.tools.inspect import inspect_path
+from ckptguard.tools.migrate import build_from_factory, load_factory, migrate
 from ckptguard.tools.reader import load_tensor_state
 from ckptguard.tools.verify import verify_path
 from tests._helpers import (

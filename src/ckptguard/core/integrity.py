@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptguard._crc import crc32_fd, crc_threads, is_large
+from ckptguard.core.crc import crc32_fd, crc_threads, is_large
 
 HASH_ALGORITHM = "crc32"
 
@@ -23,7 +23,7 @@ HASH_ALGORITHM = "crc32"
 def crc32_file(path: str | os.PathLike, threads: int | None = None) -> tuple[int, str]:
     """(size in bytes, crc32 as 8 hex digits) of a file. A large file is cut into segments
     hashed on up to ``threads`` threads (default: this rank's share of the cores) and combined
-    (``ckptguard._crc``): the same value as one pass, in less time."""
+    (``ckptguard.core.crc``): the same value as one pass, in less time."""
     fd = os.open(path, os.O_RDONLY)
     try:
         nbytes, crc = crc32_fd(fd, threads if threads is not None else crc_threads())

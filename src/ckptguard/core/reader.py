@@ -40,6 +40,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from ckptguard.core.safe_pickle import SafeFileSystemReader
+
 logger = logging.getLogger(__name__)
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
@@ -300,9 +302,7 @@ class DirectFileSystemReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         """DCP's ``.metadata``, checked against the manifest and unpickled through the
-        allowlist (``ckptguard.safe_pickle``): DCP's own reader runs ``pickle.load`` on it."""
-        from ckptguard.safe_pickle import SafeFileSystemReader
-
+        allowlist (``ckptguard.core.safe_pickle``): DCP's own reader runs ``pickle.load`` on it."""
         return SafeFileSystemReader.read_metadata(self, *args, **kwargs)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:

@@ -1,5 +1,5 @@
 """The save side of the commit protocol: what each rank leaves in ``.step-N.partial/`` and how
-rank 0 gathers it before committing (see ``manager`` for the sequence, ``layout`` for the renames).
+rank 0 gathers it before committing (see ``manager`` for the sequence, ``commit`` for the renames).
 
 Each rank writes its ``rank-R.pt`` and, once its DCP files are durable, a ``.done-R.json`` record
 with the size and crc32 of every file it wrote, or a ``.failed-R.json`` saying why it could not.
@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from ckptguard._dist import describe_error
-from ckptguard._faults import fault_point
-from ckptguard._writer import HashingFileSystemWriter
+from ckptguard.core.dist import describe_error
+from ckptguard.core.format import rank_filename
+from ckptguard.core.integrity import hash_files
+from ckptguard.core.storage import write_bytes_durably, write_file_durably
+from ckptguard.core.writer import HashingFileSystemWriter
 from ckptguard.errors import CommitError
-from ckptguard.integrity import hash_files
-from ckptguard.layout import rank_filename, write_bytes_durably
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,7 @@ def write_rank_file(partial: Path, step: int, rank: int, world_size: int, rank_s
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    with open(partial / rank_filename(rank), "wb") as f:
-        f.write(buf.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    fault_point("rank_file_written")
+    write_file_durably(partial / rank_filename(rank), buf.getbuffer())
 
 
 def own_files(partial: Path, rank: int) -> list[str]:
@@ -65,7 +61,6 @@ def write_done_record(partial: Path, rank: int, writer: HashingFileSystemWriter 
     entries = writer.entries_for(partial, names) if writer is not None else hash_files(partial, names)
     record = json.dumps({"rank": rank, "files": entries}).encode()
     write_bytes_durably(partial / f"{DONE_PREFIX}{rank:05d}.json", record)
-    fault_point("done_record_written")
 
 
 def write_failure_record(partial: Path, rank: int, error: BaseException) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
+from ckptguard.core.format import rank_filename
+from ckptguard.core.states import DATALOADER, EXTRA_PREFIX, LR_SCHEDULER
 from ckptguard.errors import CheckpointCorruptError, StateMismatchError
-from ckptguard.layout import rank_filename
-from ckptguard.states import DATALOADER, EXTRA_PREFIX, LR_SCHEDULER
 
 logger = logging.getLogger(__name__)
 

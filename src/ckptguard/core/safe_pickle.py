@@ -53,6 +53,8 @@ from torch.distributed.checkpoint.default_planner import (
 )
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from ckptguard.core.format import MANIFEST_NAME, read_checked_manifest
+from ckptguard.core.integrity import HASH_ALGORITHM
 from ckptguard.errors import CheckpointCorruptError, CheckpointFormatError
 
 logger = logging.getLogger(__name__)
@@ -256,7 +258,7 @@ def _forbidden_message(source: str, what: str) -> str:
         "unpickled and nothing in it ran. A crafted .metadata can run any code when unpickled: "
         "do not open this checkpoint unless you know who wrote it. If you do trust it (a custom "
         "DCP planner or storage plugin wrote it), pass unsafe_pickle=True (CLI: --unsafe-pickle) "
-        "or wrap the call in `with ckptguard.safe_pickle.allow_unsafe_pickle():`."
+        "or wrap the call in `with ckptguard.core.safe_pickle.allow_unsafe_pickle():`."
     )
 
 
@@ -287,9 +289,6 @@ def loads_dcp_metadata(data: bytes, source: str, *, unsafe_pickle: bool | None =
 
 def _check_against_manifest(step_dir: Path, name: str, data: bytes) -> None:
     """For a ckptguard checkpoint, compare the bytes of ``name`` with its manifest entry."""
-    from ckptguard.integrity import HASH_ALGORITHM
-    from ckptguard.layout import MANIFEST_NAME, read_checked_manifest
-
     if not (step_dir / MANIFEST_NAME).is_file():
         return  # a raw DCP directory: no record to compare with
     path = step_dir / name
@@ -368,7 +367,7 @@ class _WeightsOnlyBytes:
                 f"the value '{fqn}' in the checkpoint's shards needs more than tensors and plain "
                 f"values to unpickle ({str(e).splitlines()[0]}); it was not unpickled and nothing "
                 "in it ran. If you trust the checkpoint, pass unsafe_pickle=True (CLI: "
-                "--unsafe-pickle) or wrap the call in `with ckptguard.safe_pickle.allow_unsafe_pickle():`."
+                "--unsafe-pickle) or wrap the call in `with ckptguard.core.safe_pickle.allow_unsafe_pickle():`."
             ) from None
         if self.flatten_state_dict:  # type: ignore[attr-defined] - as DefaultLoadPlanner does
             set_element(self.original_state_dict, self.mappings[fqn], obj)  # type: ignore[attr-defined]

@@ -27,17 +27,10 @@ from typing import Any
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from ckptguard.integrity import HASH_ALGORITHM, crc32_file
+from ckptguard.core.integrity import HASH_ALGORITHM, crc32_file
+from ckptguard.core.storage import fsync_file
 
 logger = logging.getLogger(__name__)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Sealer:
@@ -59,7 +52,7 @@ class _Sealer:
         hasher = threading.Thread(target=hash_it, name="ckptguard-crc32", daemon=True)
         hasher.start()
         try:
-            _fsync_file(path)
+            fsync_file(path)
         finally:
             hasher.join()
         if "error" in result:

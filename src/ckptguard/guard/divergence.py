@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptguard.guard.findings import Divergence
-from ckptguard.guard.trace import Segment
+from ckptguard.guard.trace import Segment, read_trace, trace_files
 
 
 @dataclass
@@ -252,8 +252,6 @@ def compare_runs(reference_root: Any, resumed_root: Any, *, stop_at: int, rtol: 
 
     ``None`` when either root has no trace (the trainer does not call ``mgr.record``).
     """
-    from ckptguard.guard.trace import read_trace, trace_files
-
     ref_files, got_files = trace_files(reference_root), trace_files(resumed_root)
     if not ref_files or not got_files:
         return None

@@ -19,12 +19,14 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ckptguard._dist import on_every_rank
+from ckptguard.core.dist import on_every_rank
+from ckptguard.core.states import ModelOptimizerState, model_device_type, optimizer_hyperparameters
 from ckptguard.errors import ResumeError, StateMismatchError
 from ckptguard.guard import checks, statecheck
 from ckptguard.guard.divergence import Reference, build_reference, compare_record
@@ -41,6 +43,30 @@ from ckptguard.guard.trace import (
 logger = logging.getLogger("ckptguard.guard")
 
 
+@dataclass(frozen=True)
+class GuardOptions:
+    """How the resume guard judges a run: one object instead of a row of arguments, so that
+    the manager, the tools and a test configure it alike (as DCP's ``StateDictOptions`` does).
+
+    ``strict``: raise ``ResumeError`` on an ERROR finding (else log and keep it in the report).
+    ``allow_lr_change``: an LR that differs at resume is info, not an error.
+    ``global_batch_size``, ``grad_accum_steps``: the trainer's declarations, saved and compared.
+    ``trace_rtol``: relative tolerance when the run trace's losses and LRs are compared (0: exact).
+    """
+
+    strict: bool = False
+    allow_lr_change: bool = False
+    global_batch_size: int | None = None
+    grad_accum_steps: int | None = None
+    trace_rtol: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.grad_accum_steps is not None and self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1 or None, got {self.grad_accum_steps}")
+        if self.trace_rtol < 0:
+            raise ValueError(f"trace_rtol must be >= 0, got {self.trace_rtol}")
+
+
 class ResumeGuard:
     """Checks and trace for one ``CheckpointManager`` (see the module docstring)."""
 
@@ -54,16 +80,8 @@ class ResumeGuard:
         rank: int,
         world_size: int,
         agree: Callable[..., Any] | None = None,
-        strict: bool = False,
-        allow_lr_change: bool = False,
-        global_batch_size: int | None = None,
-        grad_accum_steps: int | None = None,
-        trace_rtol: float = 0.0,
+        options: GuardOptions | None = None,
     ) -> None:
-        if grad_accum_steps is not None and grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1 or None, got {grad_accum_steps}")
-        if trace_rtol < 0:
-            raise ValueError(f"trace_rtol must be >= 0, got {trace_rtol}")
         self.root = Path(root)
         self.model = model
         self.optimizer = optimizer
@@ -73,11 +91,7 @@ class ResumeGuard:
         # ``_dist.on_every_rank`` bound to the manager's group: the guard's steps that run on
         # every rank agree on their outcome through it (one process: runs them as they are)
         self.agree = agree or functools.partial(on_every_rank, group=None, root=self.root)
-        self.strict = strict
-        self.allow_lr_change = allow_lr_change
-        self.global_batch_size = global_batch_size
-        self.grad_accum_steps = grad_accum_steps
-        self.trace_rtol = trace_rtol
+        self.options = options or GuardOptions()
         self.report: GuardReport | None = None
         self.segment = new_segment_id()
         self._writer = TraceWriter(self.root / trace_filename(rank))
@@ -93,7 +107,7 @@ class ResumeGuard:
         if micro_step and not allow_mid_accumulation:
             raise ResumeError(
                 f"refusing to save step {step} at micro-step {micro_step} of a gradient accumulation"
-                + (f" (grad_accum_steps={self.grad_accum_steps})" if self.grad_accum_steps else "")
+                + (f" (grad_accum_steps={self.options.grad_accum_steps})" if self.options.grad_accum_steps else "")
                 + ": the gradients accumulated so far are not part of a checkpoint, so a resume "
                 "would apply an optimizer step with fewer micro-batches than the original run. "
                 "Save right after optimizer.step() (micro_step=0), or pass "
@@ -104,15 +118,12 @@ class ResumeGuard:
             self._writer.write({"kind": "save", "seg": self.segment, "step": int(step)})
         self._writer.sync()
         return {
-            "trainer": {"global_batch_size": self.global_batch_size, "grad_accum_steps": self.grad_accum_steps},
+            "trainer": {"global_batch_size": self.options.global_batch_size, "grad_accum_steps": self.options.grad_accum_steps},
             "micro_step": int(micro_step),
             "optimizer_steps": _optimizer_step_count(self.optimizer),
             "lr_scheduler_class": _scheduler_class(self.rank_states),
             "trace_segment": self.segment,
         }
-
-    def after_save(self, step: int) -> None:
-        self._baseline = (step, _optimizer_step_count(self.optimizer))
 
     def _check_optimizer_stepped(self, step: int) -> None:
         now = _optimizer_step_count(self.optimizer)
@@ -131,7 +142,7 @@ class ResumeGuard:
         )
         if self.report is not None:
             self.report.findings.append(finding)
-        if self.strict:
+        if self.options.strict:
             raise ResumeError(finding.message + " (strict=True: refusing to save)")
         if self.rank == 0:
             logger.error("%s", finding.format())
@@ -145,9 +156,6 @@ class ResumeGuard:
         """Checks that need the live objects as they are before loading. May raise.
 
         ``saved_keys``: the checkpoint's ``statecheck.read_saved_keys``, if the caller read them."""
-        from ckptguard.states import model_device_type as _device_type
-        from ckptguard.states import optimizer_hyperparameters as _hyperparameters
-
         info = manifest.get("info", {})
         guard_info = info.get("guard", {})
         report = GuardReport(step, str(step_dir))
@@ -156,12 +164,12 @@ class ResumeGuard:
             components=self.components(),
             optimizer_class=type(self.optimizer).__name__ if self.optimizer is not None else None,
             optimizer_bases=[c.__name__ for c in type(self.optimizer).__mro__] if self.optimizer is not None else [],
-            param_groups_before_load=_hyperparameters(self.optimizer) if self.optimizer is not None else [],
+            param_groups_before_load=optimizer_hyperparameters(self.optimizer) if self.optimizer is not None else [],
             torch_version=torch.__version__,
-            device_type=_device_type(self.model),
+            device_type=model_device_type(self.model),
             deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
-            global_batch_size=self.global_batch_size,
-            grad_accum_steps=self.grad_accum_steps,
+            global_batch_size=self.options.global_batch_size,
+            grad_accum_steps=self.options.grad_accum_steps,
         )
         report.findings += checks.check_components(manifest.get("components", []), live.components)
         report.findings += checks.check_scheduler_class(guard_info.get("lr_scheduler_class"), _scheduler_class(self.rank_states))
@@ -204,7 +212,7 @@ class ResumeGuard:
             self._start_segment(report)
             if self.rank == 0:
                 report.log()
-            if self.strict:
+            if self.options.strict:
                 report.raise_if_errors("at load (the live objects already hold the loaded state)")
             return report
 
@@ -220,8 +228,6 @@ class ResumeGuard:
         before a parameter got its first gradient, holds none for them, and the optimizer
         rightly has none after load.
         """
-        from ckptguard.states import ModelOptimizerState
-
         local: dict[str, list[str]] = {}
         live: dict[str, Any] = {}
 
@@ -287,7 +293,7 @@ class ResumeGuard:
             saved_groups, live_lrs, predicted,
             scheduler_handed=bool(schedulers),
             scheduler_attached=any("initial_lr" in g for g in self.optimizer.param_groups),
-            allow_lr_change=self.allow_lr_change,
+            allow_lr_change=self.options.allow_lr_change,
         )
 
     def components(self) -> list[str]:
@@ -306,7 +312,7 @@ class ResumeGuard:
         path = self._writer.path
         if path.is_file():
             segments = read_trace(path)
-            ref = build_reference(segments, report.step, self.trace_rtol)
+            ref = build_reference(segments, report.step, self.options.trace_rtol)
             if ref.world_size is not None and ref.world_size != self.world_size:
                 logger.info("trace not compared: world size changed from %d to %d", ref.world_size, self.world_size)
             elif ref.records:
@@ -342,7 +348,7 @@ class ResumeGuard:
         div = compare_record(
             ref.records[step], rec, rank=self.rank, resumed_from=ref.resumed_from,
             first_compared=report.compared_steps == 0, batch_first_seen=ref.batch_first_seen,
-            rtol=self.trace_rtol,
+            rtol=self.options.trace_rtol,
         )
         report.compared_steps += 1
         if div is None:
@@ -350,7 +356,7 @@ class ResumeGuard:
         report.divergence = div
         report.findings.append(Finding("trace", div.cause, Severity.ERROR, div.format(), saved=div.reference, current=div.resumed))
         logger.error("resume from step %d: %s", report.step, div.format())
-        if self.strict:
+        if self.options.strict:
             raise ResumeError(f"resumed run diverged from the earlier run: {div.format()}")
         return div
 

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ckptguard import _dist
-from ckptguard._reader import DirectFileSystemReader
+from ckptguard.core import dist as _dist
+from ckptguard.core.dist import quiet_no_dist
+from ckptguard.core.reader import DirectFileSystemReader
+from ckptguard.core.states import DATALOADER, ModelOptimizerState
+from ckptguard.errors import CheckpointError
 from ckptguard.guard.statecheck import compare_nested
-from ckptguard.states import DATALOADER
 
 
 @dataclass
@@ -68,61 +70,62 @@ def _clone(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def verify_roundtrip(mgr: Any) -> RoundtripResult:
-    """Run the experiment on ``mgr``'s live objects (every rank must call it)."""
-    mgr.wait()
-    names = [n for n in mgr._rank_states if n != DATALOADER]
-    before_tensors = _clone(mgr._tensor_state.state_dict())
-    before_rank = {n: _clone(mgr._rank_states[n].state_dict()) for n in names}
+def verify_roundtrip(
+    *, root: Path, tensor_state: ModelOptimizerState, rank_states: dict[str, Any], group: Any,
+    dcp_kwargs: dict[str, Any], tag: str,
+) -> RoundtripResult:
+    """Run the experiment on the live objects behind ``tensor_state`` and ``rank_states`` (the
+    adapters a manager saves through), in a hidden directory under ``root`` named after ``tag``;
+    ``group`` is a gloo group of every rank (every rank must call it), ``dcp_kwargs`` what DCP's
+    save and load get to use it. Call it with no save in flight."""
+    rank, world_size = _dist.get_rank(), _dist.get_world_size()
+    names = [n for n in rank_states if n != DATALOADER]
+    before_tensors = _clone(tensor_state.state_dict())
+    before_rank = {n: _clone(rank_states[n].state_dict()) for n in names}
 
     def make_dir() -> str:
-        for leftover in mgr.root.glob(".ckptguard-roundtrip-*"):  # of a process killed mid-way
+        for leftover in root.glob(".ckptguard-roundtrip-*"):  # of a process killed mid-way
             shutil.rmtree(leftover, ignore_errors=True)
-        path = mgr.root / f".ckptguard-roundtrip-{mgr.guard.segment}"
+        path = root / f".ckptguard-roundtrip-{tag}"
         path.mkdir(parents=True)
         return str(path)
 
-    tmp = Path(mgr._on_rank0_then_all(make_dir))
+    tmp = Path(_dist.on_rank0_then_all(make_dir, group, CheckpointError))
     try:
-        kwargs = mgr._dcp_kwargs()
-        with _quiet():
-            dcp.save(mgr._tensor_state.state_dict(), storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True), **kwargs)
+        kwargs = dcp_kwargs
+        with quiet_no_dist():
+            dcp.save(tensor_state.state_dict(), storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True), **kwargs)
         buf = io.BytesIO()
         torch.save(before_rank, buf)
-        (tmp / f"roundtrip-rank-{mgr.rank:05d}.pt").write_bytes(buf.getvalue())
+        (tmp / f"roundtrip-rank-{rank:05d}.pt").write_bytes(buf.getvalue())
 
-        template = mgr._tensor_state.state_dict()
-        with _quiet():
+        template = tensor_state.state_dict()
+        with quiet_no_dist():
             dcp.load(template, storage_reader=DirectFileSystemReader(tmp), **kwargs)
-        mgr._tensor_state.load_state_dict(template)
-        payload = torch.load(tmp / f"roundtrip-rank-{mgr.rank:05d}.pt", map_location="cpu", weights_only=True)
+        tensor_state.load_state_dict(template)
+        payload = torch.load(tmp / f"roundtrip-rank-{rank:05d}.pt", map_location="cpu", weights_only=True)
         for n in names:  # build_rank_states' order: RNG last
-            mgr._rank_states[n].load_state_dict(payload[n])
+            rank_states[n].load_state_dict(payload[n])
 
-        after_tensors = mgr._tensor_state.state_dict()
+        after_tensors = tensor_state.state_dict()
         local: dict[str, list[str]] = {}
         for comp in before_tensors:
             bad = compare_nested(before_tensors[comp], after_tensors.get(comp, {}), comp)
             if bad:
                 local[comp] = bad
         for n in names:
-            bad = compare_nested(before_rank[n], mgr._rank_states[n].state_dict(), n)
+            bad = compare_nested(before_rank[n], rank_states[n].state_dict(), n)
             if bad:
                 local[n] = bad
     finally:
-        _dist.barrier(mgr._group)
-        if mgr.rank == 0:
+        _dist.barrier(group)
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
     result = RoundtripResult(checked=list(before_tensors) + names)
-    for rank, part in enumerate(_dist.all_gather_object(local, mgr._group)):
+    for rank, part in enumerate(_dist.all_gather_object(local, group)):
         for comp, bad in part.items():
             result.changed.setdefault(comp, []).extend(
-                f"rank {rank}: {b}" if mgr.world_size > 1 else b for b in bad
+                f"rank {rank}: {b}" if world_size > 1 else b for b in bad
             )
     return result
 
-
-def _quiet() -> Any:
-    from ckptguard._dist import quiet_no_dist
-
-    return quiet_no_dist()

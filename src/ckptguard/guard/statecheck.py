@@ -17,9 +17,9 @@ import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from ckptguard.core.nested import flatten
+from ckptguard.core.safe_pickle import read_dcp_metadata
 from ckptguard.guard.findings import Finding, Severity
-from ckptguard.safe_pickle import read_dcp_metadata
-from ckptguard.tools.reader import flatten
 
 _SHOWN = 8
 # Hyperparameter names an optimizer class gains or loses between torch versions (e.g. AdamW's

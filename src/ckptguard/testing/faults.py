@@ -2,8 +2,9 @@
 
 A preempted job dies at an arbitrary instant; to prove that no instant loses the last good
 checkpoint, the tests need to stop a save at *every* phase, reproducibly. Sleeping and sending a
-signal hits a different phase on every run of a loaded machine, so instead the save path calls
-``fault_point(name)`` at each phase boundary and a fault spec says which one fires::
+signal hits a different phase on every run of a loaded machine, so instead a fault spec names
+the phase, and this module, installed by the test, wraps the core function that ends (or
+starts) that phase, from outside: the production write path has no hooks. ::
 
     CKPTGUARD_FAULT="dcp_write:rank=1:hit=3:action=kill"
 
@@ -13,32 +14,37 @@ signal hits a different phase on every run of a loaded machine, so instead the s
 * ``rank``: fire only on this rank (default: any rank);
 * ``hit``: fire the N-th time this process reaches the point (default 1), e.g. the third save.
 
-The variable is read once, at import. Unset, ``fault_point`` is a global lookup and a return,
-and ``instrument_writer`` hands DCP's writer back untouched. In-process tests use ``injected``.
+A process that should honour the variable calls ``install()`` first (the kill tests' trainers
+do); in-process tests use ``injected(spec)``, or ``hooked(callback)`` to run their own code at
+each point. ``_WRAPPERS`` lists which function each point wraps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptguard import _dist
+from ckptguard import manager as manager_module
+from ckptguard.core import commit, records, storage, writer
+from ckptguard.core import dist as _dist
+from ckptguard.core.format import MANIFEST_NAME, STEP_RE
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "CKPTGUARD_FAULT"
 
-# Every phase of a save, in the order a save reaches them (the manager and layout call these).
+# Every phase of a save, in the order a save reaches them (see _WRAPPERS for where each fires).
 POINTS: dict[str, str] = {
     "partial_created": "the .partial directory exists on every rank; nothing written yet",
     "rank_file_written": "this rank's rank-NNNNN.pt is written and fsynced",
@@ -114,43 +120,180 @@ class FaultSpec:
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_VAR} at {where})")
 
 
+class _Callback:
+    """A spec that hands every point reached to a test's function (``hooked``)."""
+
+    def __init__(self, callback: Callable[[str], None]) -> None:
+        self.point = None
+        self._callback = callback
+
+    def reached(self, point: str) -> None:
+        self._callback(point)
+
+
 def _from_env() -> FaultSpec | None:
     text = os.environ.get(ENV_VAR, "").strip()
     return FaultSpec.parse(text) if text else None
 
 
-_active: FaultSpec | None = _from_env()
+_active: FaultSpec | _Callback | None = None
 
 
 def fault_point(name: str) -> None:
-    """Mark a phase boundary of a save; fires the configured fault if it names this point."""
-    if _active is None:
-        return
-    _active.reached(name)
+    """A phase boundary of a save was reached; fires the armed fault if it names this point."""
+    if _active is not None:
+        _active.reached(name)
+
+
+def _around(fn: Callable[..., Any], before: str | None = None, after: str | None = None) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if before is not None:
+            fault_point(before)
+        out = fn(*args, **kwargs)
+        if after is not None:
+            fault_point(after)
+        return out
+
+    return wrapped
+
+
+def _write_json_durably(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(path: Any, obj: Any) -> None:
+        fn(path, obj)
+        if Path(path).name == MANIFEST_NAME:
+            fault_point("manifest_written")
+
+    return wrapped
+
+
+def _exchange_paths(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(a: Any, b: Any) -> bool:
+        fault_point("overwrite_replaced")  # only an overwrite's commit swaps directories
+        swapped = fn(a, b)
+        if swapped:
+            fault_point("renamed")
+        return swapped
+
+    return wrapped
+
+
+def _rename(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(src: Any, dst: Any) -> None:
+        fn(src, dst)
+        if str(src).endswith(".partial") and STEP_RE.match(Path(dst).name):
+            fault_point("renamed")  # the commit's rename of .partial into place
+
+    return wrapped
+
+
+def _unlink_if_exists(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(path: Any) -> None:
+        fn(path)
+        path = Path(path)
+        if path.name == MANIFEST_NAME and path.parent.name.endswith(".deleting"):
+            fault_point("prune_removing")  # remove_doomed: manifest gone, shards not yet
+
+    return wrapped
+
+
+def _doom(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(self: Any, steps: list[int]) -> list[Path]:
+        doomed = fn(self, steps)
+        if doomed:
+            fault_point("prune_deleting")
+        return doomed
+
+    return wrapped
+
+
+def _writer_init(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> None:
+        fn(self, *args, **kwargs)
+        if _active is not None and _active.point in ("dcp_write", "dcp_metadata"):
+            self.fs = _FaultyFileSystem(self.fs)
+
+    return wrapped
+
+
+# (owner, attribute, wrapper factory): each phase of a save is the start or the end of one call.
+_WRAPPERS: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
+    # partial_created / rank_file_written: around this rank's rank file, the first write
+    (records, "write_rank_file", lambda f: _around(f, "partial_created", "rank_file_written")),
+    # dcp_write / dcp_metadata: a file system wrapper on DCP's writer (see _FaultyFileSystem)
+    (writer.HashingFileSystemWriter, "__init__", _writer_init),
+    # dcp_done / done_record_written: around the done record, written once DCP returned
+    (records, "write_done_record", lambda f: _around(f, "dcp_done", "done_record_written")),
+    (manager_module.CheckpointManager, "_finish_async", lambda f: _around(f, "async_commit_start")),
+    # commit_start: rank 0 has every record (and set aside a rollback's branch), before the manifest
+    (commit.CheckpointLayout, "commit", lambda f: _around(f, "commit_start")),
+    (storage, "write_json_durably", _write_json_durably),
+    (storage, "exchange_paths", _exchange_paths),
+    (storage, "rename", _rename),
+    # prune_start: retention begins by choosing what to delete
+    (commit.CheckpointLayout, "retention_doomed", lambda f: _around(f, "prune_start")),
+    (commit.CheckpointLayout, "doom", _doom),
+    (storage, "unlink_if_exists", _unlink_if_exists),
+]
 
 
 @contextlib.contextmanager
-def injected(spec: str) -> Iterator[FaultSpec]:
-    """Arm a fault for the duration of a ``with`` block (in-process tests)."""
-    global _active
-    previous, _active = _active, FaultSpec.parse(spec)
+def _wrapped() -> Iterator[None]:
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in _WRAPPERS]
+    for owner, name, wrap in _WRAPPERS:
+        setattr(owner, name, wrap(getattr(owner, name)))
     try:
-        yield _active
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+_installed: contextlib.ExitStack | None = None
+
+
+def install() -> FaultSpec | None:
+    """Arm the fault ``CKPTGUARD_FAULT`` names, for the rest of this process (a test's trainer
+    calls this first). Without the variable nothing is wrapped."""
+    global _active, _installed
+    spec = _from_env()
+    if spec is None or _installed is not None:
+        return spec
+    _installed = contextlib.ExitStack()
+    _installed.enter_context(_wrapped())
+    _active = spec
+    return spec
+
+
+@contextlib.contextmanager
+def _armed(spec: FaultSpec | _Callback) -> Iterator[Any]:
+    global _active
+    previous, _active = _active, spec
+    try:
+        if _installed is not None:
+            yield spec
+        else:
+            with _wrapped():
+                yield spec
     finally:
         _active = previous
 
 
-def instrument_writer(writer: Any) -> Any:
-    """Give a DCP ``FileSystemWriter`` the ``dcp_write`` and ``dcp_metadata`` points.
+def injected(spec: str) -> contextlib.AbstractContextManager[FaultSpec]:
+    """Arm a fault for the duration of a ``with`` block (in-process tests)."""
+    return _armed(FaultSpec.parse(spec))
 
-    DCP writes each shard in one pass with no callback between bytes, so the points live in a
-    file system wrapper: ``dcp_write`` fires after the first write to a ``.distcp`` file has
-    reached the OS (a torn shard), ``dcp_metadata`` just before ``.metadata`` is renamed in.
-    """
-    if _active is None or _active.point not in ("dcp_write", "dcp_metadata"):
-        return writer
-    writer.fs = _FaultyFileSystem(writer.fs)
-    return writer
+
+def hooked(callback: Callable[[str], None]) -> contextlib.AbstractContextManager[Any]:
+    """Call ``callback(point)`` at every phase of a save inside the ``with`` block (a test that
+    simulates a crash with its own exception)."""
+    return _armed(_Callback(callback))
 
 
 class _FaultyFileSystem:

@@ -46,7 +46,8 @@ from typing import Any
 
 import torch
 
-from ckptguard.layout import step_dirname
+from ckptguard.core.format import step_dirname
+from ckptguard.guard import divergence, trace
 from ckptguard.tools.reader import load_checkpoint, values_equal
 
 LEGS = ("uninterrupted", "interrupted", "resumed")
@@ -220,8 +221,6 @@ def _component_of(key: str) -> str:
 
 def compare_runs(workdir: str | Path, *, total_steps: int, stop_at: int, nproc: int) -> ResumeReport:
     """Compare the legs' losses and final checkpoints; see ``run_resume_check``."""
-    from ckptguard.guard import divergence, trace
-
     workdir = Path(workdir)
     ref = _read_losses(workdir / "uninterrupted")
     got = _read_losses(workdir / "interrupted")

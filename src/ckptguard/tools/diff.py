@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ckptguard.safe_pickle import honours_unsafe_pickle
-from ckptguard.states import DATALOADER, RNG
+from ckptguard.core.safe_pickle import honours_unsafe_pickle
+from ckptguard.core.states import DATALOADER, RNG
 from ckptguard.tools._progress import progress
 from ckptguard.tools.reader import (
     find_checkpoint,
@@ -35,6 +35,7 @@ from ckptguard.tools.reader import (
     load_tensor_state,
     read_checked_manifest,
 )
+from ckptguard.tools.verify import require_intact
 
 PER_RANK_COMPONENTS = (RNG, DATALOADER)
 
@@ -207,8 +208,6 @@ def diff_checkpoints(
     dir_a, dir_b = find_checkpoint(a, step_a), find_checkpoint(b, step_b)
     man_a, man_b = read_checked_manifest(dir_a), read_checked_manifest(dir_b)
     if verify:
-        from ckptguard.tools.verify import require_intact
-
         require_intact(dir_a, "not comparing it")
         require_intact(dir_b, "not comparing it")
     wa, wb = int(man_a.get("world_size") or 1), int(man_b.get("world_size") or 1)

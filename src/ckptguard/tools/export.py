@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
+from ckptguard.core.safe_pickle import honours_unsafe_pickle
+from ckptguard.core.states import MODEL
 from ckptguard.errors import CheckpointExistsError, CheckpointFormatError
-from ckptguard.safe_pickle import honours_unsafe_pickle
-from ckptguard.states import MODEL
 from ckptguard.tools._progress import progress
+from ckptguard.tools.inspect import format_nbytes
 from ckptguard.tools.reader import find_checkpoint, load_tensor_state, read_checked_manifest
+from ckptguard.tools.verify import require_intact
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -47,8 +49,6 @@ class ExportReport:
         return asdict(self)
 
     def format_text(self) -> str:
-        from ckptguard.tools.inspect import format_nbytes
-
         cast = f", floating tensors cast to {self.dtype}" if self.dtype else ""
         kept = f" ({len(self.kept_dtype)} non-floating kept as they were)" if self.kept_dtype and self.dtype else ""
         return (
@@ -110,8 +110,6 @@ def export_model(
     with progress(total=3, desc="export", unit="phase") as bar:  # verify, read, write: bulk phases
         bar.set_postfix_str("verifying")
         if verify:
-            from ckptguard.tools.verify import require_intact
-
             require_intact(step_dir, "not exporting it")
         bar.update()
         bar.set_postfix_str("reading")

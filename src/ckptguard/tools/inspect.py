@@ -18,15 +18,10 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ckptguard.layout import (
-    ABANDONED_DIR,
-    MANIFEST_NAME,
-    CheckpointLayout,
-    rank_filename,
-    step_dirname,
-)
-from ckptguard.safe_pickle import honours_unsafe_pickle, read_dcp_metadata
-from ckptguard.states import MODEL, OPTIMIZER, RNG
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import ABANDONED_DIR, MANIFEST_NAME, rank_filename, step_dirname
+from ckptguard.core.safe_pickle import honours_unsafe_pickle, read_dcp_metadata
+from ckptguard.core.states import MODEL, OPTIMIZER, RNG
 from ckptguard.tools._progress import progress
 from ckptguard.tools.legacy import detect_legacy
 from ckptguard.tools.reader import find_checkpoint, flatten, is_root, read_checked_manifest
@@ -352,7 +347,7 @@ def inspect_path(
 ) -> CheckpointInfo | RootInfo:
     """A root's list of checkpoints plus the newest (or ``step``) in detail, or one checkpoint.
 
-    ``.metadata`` is unpickled through an allowlist (``ckptguard.safe_pickle``);
+    ``.metadata`` is unpickled through an allowlist (``ckptguard.core.safe_pickle``);
     ``unsafe_pickle=True`` lifts it, for checkpoints you trust only.
     """
     path = Path(path)

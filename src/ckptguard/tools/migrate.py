@@ -32,11 +32,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import manifest_header, rank_filename
+from ckptguard.core.integrity import hash_files
+from ckptguard.core.lock import RootLock
+from ckptguard.core.safe_pickle import honours_unsafe_pickle
+from ckptguard.core.states import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, RNG
 from ckptguard.errors import CheckpointExistsError, CheckpointFormatError, StateMismatchError
-from ckptguard.integrity import hash_files
-from ckptguard.layout import CheckpointLayout, RootLock, manifest_header, rank_filename
-from ckptguard.safe_pickle import honours_unsafe_pickle
-from ckptguard.states import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, RNG
 from ckptguard.tools._progress import progress
 from ckptguard.tools.legacy import LegacyState, read_legacy
 

@@ -14,22 +14,18 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.distributed.tensor import DTensor
 
-from ckptguard.errors import CheckpointFormatError, CheckpointNotFoundError
-from ckptguard.layout import (  # noqa: F401 - read_checked_manifest is part of the tools API
-    MANIFEST_NAME,
-    CheckpointLayout,
-    rank_filename,
-    read_checked_manifest,
-    read_manifest,
-)
-from ckptguard.safe_pickle import (
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import MANIFEST_NAME, rank_filename, read_checked_manifest, read_manifest
+from ckptguard.core.legacy import detect_legacy, find_legacy_checkpoints
+from ckptguard.core.nested import flatten, values_equal  # noqa: F401 - part of the tools API
+from ckptguard.core.safe_pickle import (
     SafeEmptyStateDictLoadPlanner,
     SafeFileSystemReader,
     read_dcp_metadata,
     unsafe_pickle_cause,
 )
+from ckptguard.errors import CheckpointFormatError, CheckpointNotFoundError
 
 
 def load_tensor_state(step_dir: str | Path, keys: set[str] | None = None) -> dict[str, Any]:
@@ -72,29 +68,6 @@ def load_rank_states(step_dir: str | Path) -> list[dict[str, Any]]:
     ]
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": [x, y]}}`` -> ``{"a.b.0": x, "a.b.1": y}``; tensors and scalars are leaves."""
-    out: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        if not obj and prefix:
-            out[prefix] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(obj, (list, tuple)) and not _is_scalar_seq(obj):
-        if not obj and prefix:
-            out[prefix] = type(obj)()
-        for i, v in enumerate(obj):
-            out.update(flatten(v, f"{prefix}.{i}" if prefix else str(i)))
-    else:
-        out[prefix] = obj
-    return out
-
-
-def _is_scalar_seq(seq: list | tuple) -> bool:
-    # Long runs of plain numbers (python RNG state, betas) are one value, not hundreds of keys.
-    return len(seq) > 0 and all(isinstance(x, (int, float, bool)) for x in seq)
-
-
 def load_checkpoint(step_dir: str | Path) -> dict[str, Any]:
     """Everything in a checkpoint, flattened: ``model.*``, ``optimizer.*`` (full tensors) and
     ``rank{R}.{component}.*`` from the per-rank files."""
@@ -102,28 +75,6 @@ def load_checkpoint(step_dir: str | Path) -> dict[str, Any]:
     for r, payload in enumerate(load_rank_states(step_dir)):
         flat.update(flatten(payload.get("states", {}), f"rank{r}"))
     return flat
-
-
-def values_equal(a: Any, b: Any) -> bool:
-    """Exact equality for leaves: ``torch.equal`` for tensors (dtype too), ``==`` otherwise."""
-    if isinstance(a, DTensor) or isinstance(b, DTensor):
-        # a shard read from a rank file (an FSDP2-sharded optimizer in ``extra``), compared
-        # outside any process group: torch.equal on a DTensor would run a collective
-        return (
-            isinstance(a, DTensor)
-            and isinstance(b, DTensor)
-            and a.placements == b.placements
-            and values_equal(a.to_local(), b.to_local())
-        )
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and torch.equal(a, b)
-        )
-    return type(a) is type(b) and a == b
 
 
 # ---------------------------------------------------------------------- finding a checkpoint
@@ -163,8 +114,6 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
         others = [p.name for p in layout.transient_dirs()]
         others += [p.name for p in path.glob("step-*") if not (p / MANIFEST_NAME).is_file()]
         want = f"checkpoint of step {step}" if step is not None else "complete checkpoint"
-        from ckptguard.tools.legacy import find_legacy_checkpoints  # imports this module
-
         old = find_legacy_checkpoints(path)
         if old and step is None:
             raise CheckpointFormatError(old[-1].message(path, [c.path for c in old[:-1]]))
@@ -178,8 +127,6 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
 def describe_non_checkpoint(path: str | Path) -> str:
     """Why ``path`` is not a complete ckptguard checkpoint, and what to do about it."""
     path = Path(path)
-    from ckptguard.tools.legacy import detect_legacy, find_legacy_checkpoints  # imports us
-
     legacy = detect_legacy(path)
     if legacy is not None:
         return legacy.message()

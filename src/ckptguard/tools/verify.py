@@ -1,6 +1,6 @@
 """``ckptguard verify``: re-check a checkpoint's files against the checksums committed with it.
 
-The manager hashes every file it writes (``ckptguard.integrity``) and commits the entries in the
+The manager hashes every file it writes (``ckptguard.core.integrity``) and commits the entries in the
 manifest, so verification needs nothing but the directory: each listed file must exist, have
 the recorded size and the recorded CRC-32. Missing, truncated and corrupted files are reported
 by name; files the manifest does not list are reported too (they are never loaded, but their
@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptguard.core.commit import CheckpointLayout
+from ckptguard.core.format import MANIFEST_NAME
+from ckptguard.core.integrity import verify_files
+from ckptguard.core.safe_pickle import METADATA_NAME, honours_unsafe_pickle, read_dcp_metadata
 from ckptguard.errors import CheckpointCorruptError, CheckpointFormatError
-from ckptguard.integrity import verify_files
-from ckptguard.layout import MANIFEST_NAME, CheckpointLayout
-from ckptguard.safe_pickle import METADATA_NAME, honours_unsafe_pickle, read_dcp_metadata
 from ckptguard.tools._progress import progress
+from ckptguard.tools.inspect import format_nbytes
 from ckptguard.tools.reader import find_checkpoint, is_root, read_checked_manifest
 
 
@@ -58,8 +60,6 @@ class VerifyReport:
         return out
 
     def format(self) -> str:
-        from ckptguard.tools.inspect import format_nbytes
-
         lines = []
         for s in self.checked:
             head = f"{'OK     ' if s.ok else 'FAILED '} {s.path}  ({s.files} files, {format_nbytes(s.nbytes)})"
@@ -119,7 +119,7 @@ def verify_path(
     """Verify one checkpoint, or every complete checkpoint of a root (or only ``step``).
 
     Each intact checkpoint's ``.metadata`` is then unpickled through the allowlist
-    (``ckptguard.safe_pickle``): a crafted one raises ``CheckpointFormatError`` here, before
+    (``ckptguard.core.safe_pickle``): a crafted one raises ``CheckpointFormatError`` here, before
     anyone loads it. ``unsafe_pickle=True`` lifts the allowlist (trusted files only).
     """
     report = _verify_path(Path(path), step)

@@ -8,13 +8,13 @@ Two homes on disk:
   ``weights_only=True``). ``per_rank`` says whether another rank's copy may stand in when the
   world size changed: a scheduler's may, a dataloader position or an RNG stream may not.
 
-To add a kind of state: write an adapter here and list it in ``build_rank_states``.
+To add a kind of state: write an adapter here and register it in ``KINDS`` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,8 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ckptguard.core.states.rng import capture_rng_state, restore_rng_state
 from ckptguard.errors import StateMismatchError, UnsupportedStateError
-from ckptguard.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class DataLoaderState(ObjectState):
                 "load_state_dict(): random draws made inside the workers (e.g. augmentation) "
                 "restart from the worker seed on resume and will differ from an uninterrupted "
                 "run. If the dataset draws random numbers, derive it from "
-                "ckptguard.rng.WorkerRNGState (class %s(WorkerRNGState, Dataset)) so that each "
+                "ckptguard.core.states.rng.WorkerRNGState (class %s(WorkerRNGState, Dataset)) so that each "
                 "worker's RNG is saved with the loader.",
                 workers, type(dataset).__name__, type(dataset).__name__,
             )
@@ -339,7 +339,7 @@ class DataLoaderState(ObjectState):
 
 
 class RNGState:
-    """Every RNG stream of this rank (see ``ckptguard.rng``). Restored last on purpose."""
+    """Every RNG stream of this rank (see ``ckptguard.core.states.rng``). Restored last on purpose."""
 
     per_rank = True
 
@@ -355,6 +355,11 @@ class RNGState:
             )
 
 
+# More kinds of per-rank state, each saved in the rank file under its name and restored before
+# the RNG: name -> a function building its adapter (see docs/architecture.md, "Adding a state kind").
+KINDS: dict[str, Callable[[], Any]] = {}
+
+
 def build_rank_states(
     lr_scheduler: Any | None, dataloader: Any | None, extra: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -368,6 +373,8 @@ def build_rank_states(
         states[EXTRA_PREFIX + key] = ObjectState(obj, f"extra[{key!r}]")
     if dataloader is not None:
         states[DATALOADER] = DataLoaderState(dataloader)
+    for name, make in KINDS.items():
+        states[name] = make()
     states[RNG] = RNGState()
     return states
 

@@ -1,0 +1,1 @@
+"""The engine: format, storage, commit, integrity, states, policy. Imports nothing above it."""
