@@ -180,7 +180,9 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factory", metavar="MODULE:FN",
                    help="builds the model, or (model, optimizer), as the old trainer did")
     p.add_argument("--param-names", metavar="FILE", help="parameter names in optimizer order")
-    p.add_argument("--step", type=int, default=None, help="step to save as [the old 'step' key]")
+    p.add_argument("--step", type=int, default=None,
+                   help="step to save as [found in the old checkpoint: the optimizer's per-parameter "
+                        "step, the scheduler's last_epoch or a step key; needed when they disagree]")
     p.add_argument("--model-key", help="key of the model state dict in the old checkpoint")
     p.add_argument("--optimizer-key", help="key of the optimizer state dict (dotted if nested)")
     p.add_argument("--scheduler-key", help="key of the LR scheduler state dict")

@@ -29,9 +29,9 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.checkpoint import CheckpointException
 
+import ckptguard.core.loading as loading_module
 import ckptguard.guard.resume_guard as resume_guard_module
 import ckptguard.guard.statecheck as statecheck
-import ckptguard.manager as manager_module
 from ckptguard import (
     CheckpointCorruptError,
     CheckpointManager,
@@ -202,7 +202,7 @@ def _assert_agreed_then_recovers(run: Run, outcome, error: type, cause: str) -> 
 
 # (point, what rank 1's fault replaces, the fault, expected error, words of the cause)
 LOAD_POINTS: list[tuple[str, Any, str, Callable[..., Any], type, str]] = [
-    ("manifest", manager_module, "read_checked_manifest", _eio, CheckpointCorruptError, "Input/output error"),
+    ("manifest", loading_module, "read_checked_manifest", _eio, CheckpointCorruptError, "Input/output error"),
     ("dcp_metadata", statecheck, "read_saved_keys", _eio, CheckpointCorruptError, "Input/output error"),
     ("load_template", ModelOptimizerState, "load_template",
      _raising(RuntimeError("template failed (injected)")),
@@ -214,7 +214,7 @@ LOAD_POINTS: list[tuple[str, Any, str, Callable[..., Any], type, str]] = [
     ("set_state_dict", ModelOptimizerState, "load_state_dict",
      _raising(RuntimeError("set_state_dict failed (injected)")),
      StateMismatchError, "set_state_dict failed"),
-    ("rank_file", manager_module, "load_rank_file",
+    ("rank_file", loading_module, "load_rank_file",
      _raising(CheckpointCorruptError("rank-00001.pt is truncated (injected)")),
      CheckpointCorruptError, "rank-00001.pt is truncated"),
     ("guard_readback", ModelOptimizerState, "state_dict",

@@ -96,7 +96,7 @@ def _run_forked(args: list[str], log: Path, port: int | None) -> int:
             os.dup2(fd, 2)
             if port is not None:  # a fresh store per leg, hosted by rank 0
                 os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="False")
-            from ckptguard.testing import _main
+            from ckptguard.testing.harness import _main
 
             _main(args)
             code = 0

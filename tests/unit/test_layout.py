@@ -124,20 +124,26 @@ def test_keep_last_none_keeps_all(tmp_path):
 
 
 def test_retention_runs_only_after_the_new_checkpoint_is_complete(tmp_path, monkeypatch):
+    from ckptguard.core.policy import RetentionPolicy
+
     seen = []
-    real_doomed = CheckpointLayout.retention_doomed
+    real_decide = RetentionPolicy.decide
+    layout = CheckpointLayout(tmp_path)
 
-    def spying_doomed(self, keep_last, protect):
-        seen.append((protect, self.complete_steps()))
-        assert (self.step_dir(protect) / MANIFEST_NAME).is_file(), "pruning before the commit"
-        return real_doomed(self, keep_last, protect)
+    def spying_decide(self, steps, metrics=None, *, protect=()):
+        steps = list(steps)
+        protect = list(protect)
+        seen.append((protect, steps))
+        for step in protect:
+            assert (layout.step_dir(step) / MANIFEST_NAME).is_file(), "pruning before the commit"
+        return real_decide(self, steps, metrics, protect=protect)
 
-    monkeypatch.setattr(CheckpointLayout, "retention_doomed", spying_doomed)
+    monkeypatch.setattr(RetentionPolicy, "decide", spying_decide)
     mgr, *_ = _manager(tmp_path, keep_last=1)
     mgr.save(1)
     mgr.save(2, blocking=False)
     mgr.wait()
-    assert seen == [(1, [1]), (2, [1, 2])]
+    assert seen == [([1], [1]), ([2], [1, 2])]
     assert mgr.steps() == [2]
     mgr.close()
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import ckptguard.core.loading as loading_mod
 import ckptguard.core.lock as lock_mod
-import ckptguard.manager as manager_mod
 from ckptguard import CheckpointLockedError, CheckpointManager, CheckpointNotFoundError
 from ckptguard.cli import main as cli_main
 from ckptguard.core.commit import CheckpointLayout
@@ -185,7 +185,7 @@ def test_retention_deleting_the_step_being_loaded_is_named(tmp_path, monkeypatch
 
     name = {"manifest": "read_checked_manifest", "tensors": "DirectFileSystemReader",
             "rank_file": "load_rank_file"}[deleted_before]
-    original = getattr(manager_mod, name)
+    original = getattr(loading_mod, name)
     fired = []
 
     def writer_saves_meanwhile(*args, **kwargs):
@@ -195,7 +195,7 @@ def test_retention_deleting_the_step_being_loaded_is_named(tmp_path, monkeypatch
             writer.save(2)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(manager_mod, name, writer_saves_meanwhile)
+    monkeypatch.setattr(loading_mod, name, writer_saves_meanwhile)
     with pytest.raises(CheckpointNotFoundError) as err:
         reader.load()
     assert fired

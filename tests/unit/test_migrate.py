@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
-from ckptguard import manager as manager_module
 from ckptguard.cli import main
+from ckptguard.core import loading as loading_module
 from ckptguard.core.format import read_manifest
 from ckptguard.errors import (
     CheckpointExistsError,
@@ -85,7 +85,7 @@ def test_load_refuses_old_index_keyed_checkpoint_instead_of_starting_fresh(tmp_p
 
     # The bug this guards against: without the check, load() finds no step-* directory and
     # returns 0, and training silently restarts with fresh weights and an empty optimizer.
-    monkeypatch.setattr(manager_module, "refuse_legacy_root", lambda root: None)
+    monkeypatch.setattr(loading_module, "refuse_legacy_root", lambda root: None)
     m2, o2, s2 = build_tied_training(seed=1)
     with CheckpointManager(root, model=m2, optimizer=o2, lr_scheduler=s2) as mgr:
         assert mgr.load() == 0
@@ -326,8 +326,9 @@ def test_step_override_and_missing_step(tmp_path):
     model, opt, _ = build_tied_training()
     train_steps(model, opt, None, 1)
     save_legacy_checkpoint(tmp_path / "old.pt", model, opt, fmt="torch")  # no step key
-    with pytest.raises(CheckpointFormatError, match="records no step"):
-        migrate(tmp_path / "old.pt", tmp_path / "new", **_meta_kw())
+    # the optimizer's per-parameter step says 1 (no source at all: tests/unit/test_step_inference.py)
+    inferred = migrate(tmp_path / "old.pt", tmp_path / "inferred", **_meta_kw())
+    assert inferred.step == 1 and "optimizer per-parameter 'step'" in inferred.step_source
     report = migrate(tmp_path / "old.pt", tmp_path / "new", step=7, **_meta_kw())
     assert report.destination.endswith("step-00000007")
 

@@ -163,10 +163,23 @@ def test_progress_is_quiet_off_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert not _progress.progress_enabled()
     bar = _progress.progress(range(3), desc="x")
-    assert list(bar) == [0, 1, 2] and type(bar).__name__ == "_Silent"
+    assert list(bar) == [0, 1, 2] and bar.disable  # a silent bar: draws nothing
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert _progress.progress_enabled()
     monkeypatch.setenv("CKPTGUARD_NO_PROGRESS", "1")
     assert not _progress.progress_enabled()
     forced = _progress.progress(range(2), enabled=True)
     assert type(forced).__name__ == "tqdm" and list(forced) == [0, 1]
+
+
+def test_progress_without_tqdm_is_a_silent_stand_in(monkeypatch):
+    """tqdm is optional (the ``progress`` extra): without it the tools run, with no bars."""
+    from ckptguard.tools import _progress
+
+    monkeypatch.setattr(_progress, "_tqdm", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert not _progress.progress_enabled()
+    with _progress.progress(total=3, desc="x", enabled=True) as bar:
+        bar.update(3)
+        bar.set_postfix_str("done")
+    assert list(_progress.progress(range(2), enabled=True)) == [0, 1]

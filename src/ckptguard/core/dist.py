@@ -56,6 +56,12 @@ def destroy_group(group: dist.ProcessGroup | None) -> None:
         pass
 
 
+def dcp_kwargs(group: dist.ProcessGroup | None) -> dict[str, Any]:
+    """The process-group arguments of ``dcp.save``/``load``/``async_save``: ``group`` in a
+    distributed job, else ``no_dist`` (one process; DCP would otherwise warn or fail)."""
+    return {"process_group": group} if is_distributed() else {"no_dist": True}
+
+
 def barrier(group: dist.ProcessGroup | None) -> None:
     if is_distributed():
         dist.barrier(group=group)

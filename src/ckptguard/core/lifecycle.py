@@ -7,20 +7,23 @@ so that a finalizer can release them without keeping the manager alive (see ``Re
 from __future__ import annotations
 
 import functools
+import gc
 import logging
+import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from torch.distributed.checkpoint.staging import AsyncStager
-
 from ckptguard.core import dist as _dist
+from ckptguard.core.commit import CheckpointLayout
 from ckptguard.core.dist import describe_error
 from ckptguard.core.lock import RootLock
 from ckptguard.core.retention import BackgroundDeleter
 from ckptguard.core.staging import BackgroundStager
+from ckptguard.errors import CheckpointLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,52 @@ _dropped_lock = threading.Lock()
 
 # This process's writer of each root (rank 0), to let a temporary's async save finish first.
 writers: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def become_writer(
+    lock: RootLock | None, root: str | os.PathLike, owner: Any,
+    commit_of: Callable[[Any], Future | None], linger_s: float = 2.0,
+) -> None:
+    """Take the root's writer lock for ``owner`` (rank 0, first save; idempotent; ``lock`` is
+    ``None`` on the other ranks).
+
+    Only a writer may remove leftovers (``recover``): a reader that did would delete the
+    running writer's ``.partial`` directory under it. If this process's previous writer of the
+    root holds the lock only because its async commit still runs (``CheckpointManager(...)
+    .save(n, blocking=False)`` as a temporary: the commit thread holds it until the commit
+    ends), wait for that commit (``commit_of(writer)``) and its collection; a writer the user
+    still holds keeps the lock (``CheckpointLockedError``)."""
+    if lock is None or lock.held:
+        return
+    try:
+        lock.acquire()
+    except CheckpointLockedError:
+        if not _await_dropped_writer(root, owner, commit_of, linger_s):
+            raise
+        lock.acquire()
+    writers[os.path.realpath(root)] = owner
+    logger.info("%s: this process is now the writer of %s", lock.path, root)
+
+
+def _await_dropped_writer(
+    root: str | os.PathLike, owner: Any, commit_of: Callable[[Any], Future | None], linger_s: float,
+) -> bool:
+    """True once this process's previous writer of ``root`` is gone (see ``become_writer``)."""
+    other = writers.get(os.path.realpath(root))
+    future = commit_of(other) if other is not None and other is not owner else None
+    if future is None:
+        return False
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001 - its own wait() (never called, if dropped) reports it
+        pass
+    ref = weakref.ref(other)
+    del other, future
+    deadline = time.monotonic() + linger_s  # the thread drops its reference just after
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    return ref() is None
 
 
 def destroy_dropped_groups() -> None:
@@ -63,6 +112,22 @@ class Resources:
         self.stager: BackgroundStager | None = None
         self.deleter: BackgroundDeleter | None = None
         self.closers: list[Callable[[], None]] = []
+
+    @classmethod
+    def for_rank(cls, layout: CheckpointLayout, rank: int) -> Resources:
+        """Rank 0 gets the root's writer lock (not taken yet: the first save takes it) and the
+        retention deleter (no thread yet); the other ranks neither."""
+        resources = cls(RootLock(layout.root) if rank == 0 else None)
+        resources.deleter = BackgroundDeleter(layout) if rank == 0 else None
+        return resources
+
+    def new_groups(self, count: int) -> list[Any]:
+        """``count`` new gloo groups, destroyed by ``release``; first destroys the groups of
+        managers that were garbage collected (see ``destroy_dropped_groups``)."""
+        destroy_dropped_groups()
+        groups = [_dist.new_cpu_group() for _ in range(count)]
+        self.groups += groups
+        return groups
 
     def release(self, *, dropped: bool) -> None:
         """Free everything. ``dropped`` (garbage collected, or alive at exit): wait for no thread
@@ -105,32 +170,3 @@ class Resources:
                 len(left), ", ".join(str(p) for p in left),
             )
 
-
-class Staged(AsyncStager):
-    """Hands ``dcp.async_save`` the copy ``BackgroundStager.stage`` started before it.
-
-    If the background part of that copy fails on one rank, DCP's background save still runs
-    there, on the live state dict (same keys and shapes, so DCP's plan is valid; the values
-    written are never committed): its collectives pair up with the other ranks' instead of
-    leaving them waiting until the group times out, and ``_finish_async`` then reports the
-    copy's error (a failure record, so rank 0 does not commit, and ``wait`` on every rank).
-    """
-
-    _synchronize_after_execute = False
-
-    def __init__(self, staging: Future | None, live: dict[str, Any]) -> None:
-        assert staging is not None, "an async save stages in write_own_part"
-        self._staging = staging
-        self._live = live
-
-    def stage(self, state_dict: dict[str, Any], **_: Any) -> Future:
-        out: Future = Future()
-
-        def hand_over(staging: Future) -> None:
-            out.set_result(staging.result() if staging.exception() is None else self._live)
-
-        self._staging.add_done_callback(hand_over)
-        return out
-
-    def synchronize_staging(self) -> None:
-        pass

@@ -1,5 +1,6 @@
 """The save side of the commit protocol: what each rank leaves in ``.step-N.partial/`` and how
 rank 0 gathers it before committing (see ``manager`` for the sequence, ``commit`` for the renames).
+``read_rank_file`` is the one reader of a rank file, for the load and for every tool.
 
 Each rank writes its ``rank-R.pt`` and, once its DCP files are durable, a ``.done-R.json`` record
 with the size and crc32 of every file it wrote, or a ``.failed-R.json`` saying why it could not.
@@ -13,6 +14,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from ckptguard.core.format import rank_filename
 from ckptguard.core.integrity import hash_files
 from ckptguard.core.storage import write_bytes_durably, write_file_durably
 from ckptguard.core.writer import HashingFileSystemWriter
-from ckptguard.errors import CommitError
+from ckptguard.errors import CheckpointCorruptError, CommitError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,28 @@ def write_rank_file(partial: Path, step: int, rank: int, world_size: int, rank_s
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_file_durably(partial / rank_filename(rank), buf.getbuffer())
+
+
+def read_rank_file(path: Path) -> dict[str, Any]:
+    """A rank file's payload (``step``, ``rank``, ``world_size``, ``states``), read with
+    ``weights_only=True`` so that a rank file can never run code; any failure is a
+    ``CheckpointCorruptError`` naming the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointCorruptError(
+            f"refusing to load {path}: it holds objects that weights_only loading does not "
+            "allow, and ckptguard never writes such objects, so the file was replaced or "
+            f"damaged after the save. Nothing in it was executed. ({str(e).splitlines()[0]})"
+        ) from e
+    except Exception as e:
+        raise CheckpointCorruptError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(payload, dict) or not isinstance(payload.get("states", {}), dict):
+        raise CheckpointCorruptError(
+            f"cannot read {path}: expected a rank file (a dict with 'states'), found "
+            f"{type(payload).__name__}"
+        )
+    return payload
 
 
 def own_files(partial: Path, rank: int) -> list[str]:

@@ -13,29 +13,14 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.distributed.checkpoint import CheckpointException
 
 from ckptguard.core.format import rank_filename
+from ckptguard.core.records import read_rank_file
 from ckptguard.core.states import DATALOADER, EXTRA_PREFIX, LR_SCHEDULER
 from ckptguard.errors import CheckpointCorruptError, StateMismatchError
 
 logger = logging.getLogger(__name__)
-
-
-def read_rank_file(path: Path) -> dict[str, Any]:
-    """A rank file's ``states``; ``weights_only`` so that a rank file can never run code."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        return payload["states"]
-    except pickle.UnpicklingError as e:
-        raise CheckpointCorruptError(
-            f"refusing to load {path}: it holds objects that weights_only loading does not "
-            "allow, and ckptguard never writes such objects, so the file was replaced or "
-            f"damaged after the save. Nothing in it was executed. ({str(e).splitlines()[0]})"
-        ) from e
-    except Exception as e:
-        raise CheckpointCorruptError(f"cannot read {path}: {type(e).__name__}: {e}") from e
 
 
 def load_rank_file(
@@ -44,7 +29,10 @@ def load_rank_file(
     """Restore ``rank_states`` (in their order: RNG last) from this rank's file."""
     saved_world = manifest["world_size"]
     same_rank = rank < saved_world
-    states = read_rank_file(step_dir / rank_filename(rank if same_rank else 0))
+    path = step_dir / rank_filename(rank if same_rank else 0)
+    states = read_rank_file(path).get("states")
+    if states is None:
+        raise CheckpointCorruptError(f"cannot read {path}: it holds no 'states'")
     for name, state in rank_states.items():
         if name not in states:
             if manifest.get("save_mode") == "migrate":

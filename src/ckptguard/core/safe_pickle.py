@@ -324,6 +324,18 @@ def read_dcp_metadata(
     return metadata
 
 
+def _metadata_name(reader: FileSystemReader, rank: int | None) -> str:
+    """The name of DCP's metadata file that ``reader.read_metadata(rank=...)`` reads.
+
+    ``FileSystemReader._get_metadata_path`` is private and newer than torch 2.7 (an
+    AttributeError there); without it, the documented layout: ``.metadata``, or ``__R.metadata``
+    for one rank's metadata (what torch 2.13's method returns; see docs/architecture.md)."""
+    get_path = getattr(reader, "_get_metadata_path", None)
+    if get_path is not None:
+        return Path(get_path(rank)).name
+    return ".metadata" if rank is None else f"__{rank}.metadata"
+
+
 class SafeFileSystemReader(FileSystemReader):
     """DCP's ``FileSystemReader`` with ``read_metadata`` going through ``read_dcp_metadata``.
 
@@ -341,7 +353,7 @@ class SafeFileSystemReader(FileSystemReader):
         rank = kwargs.get("rank")
         metadata = getattr(self, "_metadata", None) if rank is None else None
         if metadata is None:
-            name = Path(self._get_metadata_path(rank)).name
+            name = _metadata_name(self, rank)
             metadata = read_dcp_metadata(self.path, name=name)
         assert metadata.storage_meta is not None
         metadata.storage_meta.load_id = self.load_id

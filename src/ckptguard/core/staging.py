@@ -111,6 +111,14 @@ class _Copy:
 class BackgroundStager(AsyncStager):
     """Stage state dicts for ``dcp.async_save``; see the module docstring.
 
+    Kept instead of DCP's ``DefaultStager`` because it stalls the caller less
+    (benchmarks/bench_staging.py, 528 MiB model + AdamW on CPU, torch 2.13, 2 shared CPUs at
+    load ~5, medians of 3; stager kept between saves): caller stall 0.018 s vs 0.030 s for
+    ``DefaultStager(use_async_staging=True)``, staged after 0.29 s vs 0.31 s, durable after
+    0.97 s vs 2.4 s, no extra RSS in steady state for either. It also does what DefaultStager
+    does not: ``optimizer.step()`` waits for the copy, and an in-place write during it fails
+    the save instead of committing a mix of two steps.
+
     Args:
         optimizer: whose ``step()`` waits for a pending background copy; the tensors it
             updates (its parameters' storages and its state) are the ones copied in the

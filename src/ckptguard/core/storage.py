@@ -21,12 +21,8 @@ from ckptguard.errors import CheckpointLockedError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or create inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make a rename or create inside ``path`` durable (a directory is fsynced like a file)."""
+    fsync_file(path)
 
 
 def write_bytes_durably(path: str | os.PathLike, data: bytes) -> None:
@@ -39,7 +35,6 @@ def write_bytes_durably(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
 
 
 def fsync_file(path: str | os.PathLike) -> None:

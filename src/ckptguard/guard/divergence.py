@@ -247,7 +247,7 @@ class RunsComparison:
     compared_steps: int = 0
 
 
-def compare_runs(reference_root: Any, resumed_root: Any, *, stop_at: int, rtol: float = 0.0) -> RunsComparison | None:
+def compare_traces(reference_root: Any, resumed_root: Any, *, stop_at: int, rtol: float = 0.0) -> RunsComparison | None:
     """Compare an uninterrupted run's trace with an interrupted-then-resumed run's, per rank.
 
     ``None`` when either root has no trace (the trainer does not call ``mgr.record``).

@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from ckptguard.core import dist as _dist
 from ckptguard.core.dist import quiet_no_dist
 from ckptguard.core.reader import DirectFileSystemReader
+from ckptguard.core.records import read_rank_file
 from ckptguard.core.states import DATALOADER, ModelOptimizerState
 from ckptguard.errors import CheckpointError
 from ckptguard.guard.statecheck import compare_nested
@@ -96,14 +97,14 @@ def verify_roundtrip(
         with quiet_no_dist():
             dcp.save(tensor_state.state_dict(), storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True), **kwargs)
         buf = io.BytesIO()
-        torch.save(before_rank, buf)
+        torch.save({"states": before_rank}, buf)
         (tmp / f"roundtrip-rank-{rank:05d}.pt").write_bytes(buf.getvalue())
 
         template = tensor_state.state_dict()
         with quiet_no_dist():
             dcp.load(template, storage_reader=DirectFileSystemReader(tmp), **kwargs)
         tensor_state.load_state_dict(template)
-        payload = torch.load(tmp / f"roundtrip-rank-{rank:05d}.pt", map_location="cpu", weights_only=True)
+        payload = read_rank_file(tmp / f"roundtrip-rank-{rank:05d}.pt")["states"]
         for n in names:  # build_rank_states' order: RNG last
             rank_states[n].load_state_dict(payload[n])
 

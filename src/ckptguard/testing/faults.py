@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptguard import manager as manager_module
-from ckptguard.core import commit, records, storage, writer
+from ckptguard.core import async_save, commit, policy, records, storage, writer
 from ckptguard.core import dist as _dist
 from ckptguard.core.format import MANIFEST_NAME, STEP_RE
 
@@ -230,14 +229,14 @@ _WRAPPERS: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any
     (writer.HashingFileSystemWriter, "__init__", _writer_init),
     # dcp_done / done_record_written: around the done record, written once DCP returned
     (records, "write_done_record", lambda f: _around(f, "dcp_done", "done_record_written")),
-    (manager_module.CheckpointManager, "_finish_async", lambda f: _around(f, "async_commit_start")),
+    (async_save, "finish_async", lambda f: _around(f, "async_commit_start")),
     # commit_start: rank 0 has every record (and set aside a rollback's branch), before the manifest
     (commit.CheckpointLayout, "commit", lambda f: _around(f, "commit_start")),
     (storage, "write_json_durably", _write_json_durably),
     (storage, "exchange_paths", _exchange_paths),
     (storage, "rename", _rename),
-    # prune_start: retention begins by choosing what to delete
-    (commit.CheckpointLayout, "retention_doomed", lambda f: _around(f, "prune_start")),
+    # prune_start: retention begins by choosing what to delete (the policy's one decision point)
+    (policy.RetentionPolicy, "decide", lambda f: _around(f, "prune_start")),
     (commit.CheckpointLayout, "doom", _doom),
     (storage, "unlink_if_exists", _unlink_if_exists),
 ]

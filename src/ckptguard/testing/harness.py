@@ -144,9 +144,19 @@ def run_resume_check(
         "interrupted": ("b", stop_at),
         "resumed": ("b", None),
     }
-    for leg in LEGS:
+
+    def start(leg: str) -> _Leg:
         ckpt, stop = plan[leg]
-        _run_leg(fn, workdir, leg, workdir / f"ckpt-{ckpt}", total_steps, stop, nproc, options or {}, timeout_s)
+        return _start_leg(fn, workdir, leg, workdir / f"ckpt-{ckpt}", total_steps, stop, nproc, options or {})
+
+    # The uninterrupted run shares nothing with the other two (its own checkpoint root), so it runs
+    # beside them: the legs are mostly process start-up, and a check takes about half as long.
+    uninterrupted = start("uninterrupted")
+    try:
+        start("interrupted").finish(timeout_s)
+        start("resumed").finish(timeout_s)
+    finally:
+        uninterrupted.finish(timeout_s)
     return compare_runs(workdir, total_steps=total_steps, stop_at=stop_at, nproc=nproc)
 
 
@@ -157,10 +167,34 @@ def assert_resumes_exactly(fn: str, workdir: str | Path, **kwargs: Any) -> Resum
     return report
 
 
-def _run_leg(
+@dataclass
+class _Leg:
+    """One leg's process (a trainer, or torchrun and its ranks) and where its log goes."""
+
+    name: str
+    fn: str
+    out_dir: Path
+    proc: subprocess.Popen
+
+    def finish(self, timeout_s: float) -> None:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            out += f"\n[ckptguard.testing] killed after timeout_s={timeout_s}"
+        (self.out_dir / "log.txt").write_text(out)
+        if self.proc.returncode != 0:
+            raise RuntimeError(
+                f"{self.name} run of {self.fn} failed (exit {self.proc.returncode}); log in "
+                f"{self.out_dir / 'log.txt'}:\n" + out[-4000:]
+            )
+
+
+def _start_leg(
     fn: str, workdir: Path, leg: str, ckpt_dir: Path, total_steps: int, stop_at: int | None,
-    nproc: int, options: dict[str, Any], timeout_s: float,
-) -> None:
+    nproc: int, options: dict[str, Any],
+) -> _Leg:
     out_dir = workdir / leg
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [
@@ -177,13 +211,8 @@ def _run_leg(
     root = _import_root(fn)
     if root is not None:  # the legs import ``fn`` by name, as this process could
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    (out_dir / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{leg} run of {fn} failed (exit {proc.returncode}); log in {out_dir / 'log.txt'}:\n"
-            + (proc.stdout + proc.stderr)[-4000:]
-        )
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return _Leg(leg, fn, out_dir, proc)
 
 
 def _import_root(fn: str) -> str | None:
@@ -228,7 +257,7 @@ def compare_runs(workdir: str | Path, *, total_steps: int, stop_at: int, nproc: 
         got.setdefault(rank, {}).update(steps)
     if not ref:  # the trainer records the trace only: its losses are in it
         ref, got = trace.trace_losses(workdir / "ckpt-a"), trace.trace_losses(workdir / "ckpt-b")
-    by_trace = divergence.compare_runs(workdir / "ckpt-a", workdir / "ckpt-b", stop_at=stop_at)
+    by_trace = divergence.compare_traces(workdir / "ckpt-a", workdir / "ckpt-b", stop_at=stop_at)
     components: list[ComponentResult] = []
 
     first_bad = None

@@ -20,6 +20,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ckptguard.core.commit import CheckpointLayout
 from ckptguard.core.format import ABANDONED_DIR, MANIFEST_NAME, rank_filename, step_dirname
+from ckptguard.core.policy import RetentionPolicy
+from ckptguard.core.records import read_rank_file
 from ckptguard.core.safe_pickle import honours_unsafe_pickle, read_dcp_metadata
 from ckptguard.core.states import MODEL, OPTIMIZER, RNG
 from ckptguard.tools._progress import progress
@@ -145,6 +147,12 @@ class StepSummary:
     ckptguard_version: str | None = None
     disk_nbytes: int = 0
     note: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)  # given to save(metrics=...)
+    kept_by: str = ""  # the retention rules that keep it (those of the newest save)
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in metrics.items())
 
 
 @dataclass
@@ -163,13 +171,18 @@ class RootInfo:
         }
 
     def format(self) -> str:
-        lines = [f"root {self.root}", f"  {'checkpoint':<28} {'status':<11} {'world':>5} {'format':>6}  {'ckptguard':<9} {'size':>10}"]
+        rules = any(s.kept_by for s in self.steps)
+        lines = [f"root {self.root}", f"  {'checkpoint':<28} {'status':<11} {'world':>5} {'format':>6}  {'ckptguard':<9} {'size':>10}"
+                 + (f"  {'kept by':<32}" if rules else "")
+                 + ("  metrics" if any(s.metrics for s in self.steps) else "")]
         for s in self.steps:
             status = "complete" if s.complete else "INCOMPLETE"
             lines.append(
                 f"  {s.name:<28} {status:<11} {s.world_size if s.world_size is not None else '-':>5} "
                 f"{s.format_version if s.format_version is not None else '-':>6}  "
                 f"{s.ckptguard_version or '-':<9} {format_nbytes(s.disk_nbytes):>10}"
+                + (f"  {s.kept_by or '-':<32}" if rules else "")
+                + (f"  {_format_metrics(s.metrics)}" if s.metrics else "")
                 + (f"  {s.note}" if s.note else "")
             )
         if self.branches:
@@ -267,7 +280,7 @@ def _rank_components(step_dir: Path, world_size: int) -> list[ComponentInfo]:
         path = step_dir / rank_filename(rank)
         if not path.is_file():
             continue
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = read_rank_file(path)
         for name, state in payload.get("states", {}).items():
             comp = comps.setdefault(name, ComponentInfo(name, "rank files"))
             comp.ranks.append(rank)
@@ -306,6 +319,7 @@ def summarize_root(root: str | os.PathLike) -> list[StepSummary]:
     root = Path(root)
     layout = CheckpointLayout(root)
     out = []
+    rules: Any = None
     for step in layout.complete_steps():
         d = layout.step_dir(step)
         try:
@@ -315,8 +329,10 @@ def summarize_root(root: str | os.PathLike) -> list[StepSummary]:
             m, note = {}, str(e).split(";")[0]
         out.append(StepSummary(
             d.name, step, True, m.get("world_size"), m.get("format_version"),
-            m.get("ckptguard_version"), _dir_nbytes(d)[1], note,
+            m.get("ckptguard_version"), _dir_nbytes(d)[1], note, m.get("metrics") or {},
         ))
+        rules = m.get("retention")  # the newest save's rules are the ones that apply next
+    _explain_retention([s for s in out if s.complete], rules)
     for d in sorted(root.glob("step-*")):
         if d.is_dir() and not (d / MANIFEST_NAME).is_file():
             note = "no manifest: never loaded"
@@ -328,6 +344,20 @@ def summarize_root(root: str | os.PathLike) -> list[StepSummary]:
         note = {"partial": "save interrupted or in progress", "deleting": "deletion interrupted"}.get(kind, kind)
         out.append(StepSummary(d.name, None, False, disk_nbytes=_dir_nbytes(d)[1], note=note + ": never loaded"))
     return out
+
+
+def _explain_retention(complete: list[StepSummary], rules: Any) -> None:
+    """Fill ``kept_by``: which of the writer's retention rules (stored in each manifest since
+    issue 15) keeps each complete checkpoint. Nothing for roots written before, or migrated."""
+    if not isinstance(rules, dict):
+        return
+    try:
+        policy = RetentionPolicy(**rules)
+    except (TypeError, ValueError):
+        return
+    decision = policy.decide([s.step for s in complete], {s.step: s.metrics for s in complete})
+    for s in complete:
+        s.kept_by = decision.explain(s.step)
 
 
 def summarize_branches(root: str | os.PathLike) -> list[BranchSummary]:

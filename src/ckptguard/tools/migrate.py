@@ -36,11 +36,13 @@ from ckptguard.core.commit import CheckpointLayout
 from ckptguard.core.format import manifest_header, rank_filename
 from ckptguard.core.integrity import hash_files
 from ckptguard.core.lock import RootLock
+from ckptguard.core.records import read_rank_file
 from ckptguard.core.safe_pickle import honours_unsafe_pickle
 from ckptguard.core.states import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, RNG
 from ckptguard.errors import CheckpointExistsError, CheckpointFormatError, StateMismatchError
 from ckptguard.tools._progress import progress
 from ckptguard.tools.legacy import LegacyState, read_legacy
+from ckptguard.tools.step_inference import infer_step
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class MigrationReport:
     not_recovered: list[str] = field(default_factory=list)
     unused_keys: list[str] = field(default_factory=list)
     dry_run: bool = False
+    step_source: str = ""  # "--step", or where in the old checkpoint the step was found
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +91,7 @@ class MigrationReport:
     def format(self) -> str:
         lines = [
             f"{'would migrate' if self.dry_run else 'migrated'} {self.source} ({self.source_kind}) "
-            f"as step {self.step}",
+            f"as step {self.step}" + (f" (from {self.step_source})" if self.step_source else ""),
             f"  parameter names from: {self.mapping_source}",
             f"  {len(self.slots)} optimizer parameters in {len(self.group_sizes)} group(s) of sizes "
             f"{self.group_sizes}; {self.model_tensors} model tensors",
@@ -344,7 +347,7 @@ def _write_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         # The manager loads rank files with weights_only=True: fail now, not at the resume.
-        torch.load(partial / rank_filename(0), map_location="cpu", weights_only=True)
+        read_rank_file(partial / rank_filename(0))
         writer = dcp.FileSystemWriter(partial, single_file_per_rank=True, sync_files=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -378,6 +381,8 @@ def _header(step: int, legacy: LegacyState, optimizer: Any, groups: list[dict], 
         },
     )
     header["migrated_from"] = {"path": str(legacy.source.resolve()), "format": legacy.kind, "keys": legacy.keys}
+    header["metrics"] = {}  # none known; keep_best does not rank it
+    header["retention"] = None  # no writer's rules yet: the next save records its own
     return header
 
 
@@ -415,6 +420,18 @@ def migrate(
         )
 
 
+def _step_records(legacy: LegacyState) -> dict[str, Any]:
+    """The parts of the old checkpoint that record its step, under their own keys (so that
+    ``infer_step`` names them as the user knows them)."""
+    keys = legacy.keys
+    records: dict[str, Any] = {keys["optimizer"] or "optimizer": legacy.optimizer}
+    if legacy.lr_scheduler is not None:
+        records[keys["lr_scheduler"] or "lr_scheduler"] = legacy.lr_scheduler
+    if legacy.step is not None:
+        records[keys["step"] or "step"] = legacy.step
+    return records
+
+
 def _migrate(  # noqa: ANN001 - ``migrate``'s own arguments, typed there
     old, new, bar, *, model, optimizer, param_names, step, model_key, optimizer_key, scheduler_key,
     unsafe_pickle, overwrite, dry_run,
@@ -426,9 +443,11 @@ def _migrate(  # noqa: ANN001 - ``migrate``'s own arguments, typed there
     )
     bar.update()
     bar.set_postfix_str("mapping")
-    step = step if step is not None else legacy.step
-    if step is None:
-        raise CheckpointFormatError(f"{legacy.source} records no step (keys {legacy.keys}); pass the step to migrate it as")
+    if step is not None:
+        step_source = "--step"
+    else:  # from what the old checkpoint holds; refused, naming the sources, if they disagree
+        step, step_source = infer_step(_step_records(legacy))
+        logger.info("migrate: %s was saved at step %d, from %s", legacy.source, step, step_source)
     spec_for_prefix = _spec_from_model(model) if model is not None else _spec_from_state(legacy.model)
     model_sd, stripped = _strip_wrapper_prefix(legacy.model, spec_for_prefix)
     legacy.model = model_sd
@@ -448,7 +467,7 @@ def _migrate(  # noqa: ANN001 - ``migrate``'s own arguments, typed there
         params_not_in_optimizer=[n for n in spec.params if n not in in_optimizer],
         migrated_states=components,
         not_recovered=[RNG, DATALOADER] + ([] if rank_states else [LR_SCHEDULER]),
-        unused_keys=legacy.unused_keys, dry_run=dry_run,
+        unused_keys=legacy.unused_keys, dry_run=dry_run, step_source=step_source,
     )
     if dry_run:
         return report

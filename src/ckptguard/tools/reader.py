@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -19,6 +18,7 @@ from ckptguard.core.commit import CheckpointLayout
 from ckptguard.core.format import MANIFEST_NAME, rank_filename, read_checked_manifest, read_manifest
 from ckptguard.core.legacy import detect_legacy, find_legacy_checkpoints
 from ckptguard.core.nested import flatten, values_equal  # noqa: F401 - part of the tools API
+from ckptguard.core.records import read_rank_file
 from ckptguard.core.safe_pickle import (
     SafeEmptyStateDictLoadPlanner,
     SafeFileSystemReader,
@@ -62,10 +62,7 @@ def load_rank_states(step_dir: str | Path) -> list[dict[str, Any]]:
     world = manifest.get("world_size")
     if world is None:
         world = len(list(step_dir.glob("rank-*.pt")))
-    return [
-        torch.load(step_dir / rank_filename(r), map_location="cpu", weights_only=True)
-        for r in range(world)
-    ]
+    return [read_rank_file(step_dir / rank_filename(r)) for r in range(world)]
 
 
 def load_checkpoint(step_dir: str | Path) -> dict[str, Any]:

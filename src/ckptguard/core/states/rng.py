@@ -7,11 +7,14 @@ State is kept as tensors and plain Python values so it loads with ``weights_only
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -87,3 +90,20 @@ class WorkerRNGState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict and torch.utils.data.get_worker_info() is not None:
             restore_rng_state(state_dict["worker_rng"])
+
+
+class RNGState:
+    """Every RNG stream of this rank (see ``ckptguard.core.states.rng``). Restored last on purpose."""
+
+    per_rank = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        skipped = restore_rng_state(state_dict)
+        if skipped:
+            logger.warning(
+                "RNG streams %s were saved but cannot be restored here (device count differs)",
+                skipped,
+            )
