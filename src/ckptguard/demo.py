@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from ckptguard.core.states.rng import WorkerRNGState
 from ckptguard.manager import CheckpointManager
@@ -132,9 +134,6 @@ def train(ctx: ResumeContext) -> None:
     )
     model = TinyLM().to(device)
     if ctx.world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         mesh = init_device_mesh(device.type, (ctx.world_size,))
         fully_shard(model.hidden, mesh=mesh)
         fully_shard(model, mesh=mesh)

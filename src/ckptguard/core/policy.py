@@ -20,6 +20,7 @@ Only the live branch is passed in: checkpoints a rollback set aside are never ca
 from __future__ import annotations
 
 import math
+import signal as _signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -299,8 +300,6 @@ class SavePolicy:
 
 def signal_name(signum: int) -> str:
     """``SIGTERM`` for 15; the number itself if it names no signal."""
-    import signal as _signal
-
     try:
         return _signal.Signals(signum).name
     except ValueError:

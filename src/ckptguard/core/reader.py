@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
@@ -369,8 +370,6 @@ class DirectFileSystemReader(FileSystemReader):
 
     def _read_with_dcp(self, stream: Any, req: ReadItem, planner: LoadPlanner) -> None:
         """DCP's own per-item read (``FileSystemReader.read_data``'s loop body)."""
-        from torch.distributed._shard._utils import narrow_tensor_by_index
-
         info = self.storage_data[req.storage_index]
         file_slice = self._slice_file(stream, info)
         transform_from = self.transforms.transform_load_stream(

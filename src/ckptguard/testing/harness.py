@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ckptguard.core.format import step_dirname
 from ckptguard.guard import divergence, trace
@@ -326,8 +327,6 @@ def _main(argv: list[str] | None = None) -> None:
         # one GPU per rank, before any CUDA work: NCCL refuses two ranks on one device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if distributed:
-        import torch.distributed as dist
-
         # CUDA tensors (FSDP2's collectives) need NCCL; ckptguard's own groups stay on gloo
         dist.init_process_group("cpu:gloo,cuda:nccl" if on_cuda else "gloo")
     try:
