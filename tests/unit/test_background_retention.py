@@ -29,6 +29,7 @@ import ckptguard.core.commit as commit_mod
 from ckptguard import CheckpointManager
 from ckptguard.core.commit import CheckpointLayout
 from ckptguard.core.format import LOCK_NAME, MANIFEST_NAME, step_dirname
+from ckptguard.core.policy import RetentionPolicy
 from ckptguard.core.staging import BackgroundStager
 from ckptguard.demo import TinyLM, build_optimizer
 from ckptguard.testing import faults
@@ -201,10 +202,10 @@ def test_the_newest_checkpoint_is_never_deleted(tmp_path):
     tr.mgr.close()
     assert CheckpointLayout(root).complete_steps() == [3, 5]
     assert_loads_exactly(root, 5, at_5)
-    layout = CheckpointLayout(root)
+    steps = CheckpointLayout(root).complete_steps()
     for keep in (1, 2, 3):
         for protect in (3, 5):
-            assert 5 not in layout.retention_doomed(keep, protect)
+            assert 5 not in RetentionPolicy(keep_last=keep).decide(steps, protect=[protect]).doomed
 
 
 # ---------------------------------------------------------------- failures

@@ -89,11 +89,17 @@ def test_recover_removes_leftovers_and_puts_back_an_interrupted_overwrite(tmp_pa
 
 
 def test_delete_and_prune_never_touch_the_protected_step(tmp_path):
+    from ckptguard.core.policy import RetentionPolicy
+
     layout = CheckpointLayout(tmp_path)
     for step in (1, 2, 3, 4):
         _fake_complete(tmp_path, step)
-    assert layout.prune(None, protect=4) == []
-    assert layout.prune(2, protect=1) == [2]  # 1 is protected, so the next oldest goes
+    steps = layout.complete_steps()
+    assert RetentionPolicy(keep_last=None).decide(steps, protect=[4]).doomed == []
+    doomed = RetentionPolicy(keep_last=2).decide(steps, protect=[1]).doomed
+    assert doomed == [2]  # 1 is protected, so the next oldest goes
+    for path in layout.doom(doomed):
+        layout.remove_doomed(path)
     assert layout.complete_steps() == [1, 3, 4]
     layout.delete(3)
     assert layout.complete_steps() == [1, 4]

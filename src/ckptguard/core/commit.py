@@ -265,28 +265,6 @@ class CheckpointLayout:
             shutil.rmtree(path, ignore_errors=True)
         return deferred
 
-    def retention_doomed(self, keep_last: int | None, protect: int) -> list[int]:
-        """The complete checkpoints beyond ``keep_last``, oldest first: never ``protect`` (the
-        one just saved) and never the newest complete one, whatever ``keep_last`` says.
-        Only the live branch counts: set-aside checkpoints are not among ``complete_steps``."""
-        if keep_last is None:
-            return []
-        steps = self.complete_steps()
-        if len(steps) <= max(keep_last, 1):
-            return []
-        return [s for s in steps[: -max(keep_last, 1)] if s != protect]
-
-    def prune(self, keep_last: int | None, protect: int) -> list[int]:
-        """Delete the oldest complete checkpoints beyond ``keep_last`` now (see
-        ``retention_doomed``); the manager instead dooms them and removes them in the
-        background (``BackgroundDeleter``)."""
-        doomed = self.retention_doomed(keep_last, protect)
-        for s in doomed:
-            logger.info("retention: deleting %s", self.step_dir(s))
-        for path in self.doom(doomed):
-            self.remove_doomed(path)
-        return doomed
-
     # ------------------------------------------------------------------ rollback branches
 
     def set_aside(self, after_step: int, reason: str) -> AbandonedBranch | None:
